@@ -1,0 +1,111 @@
+"""Checkpoint bookkeeping around DeepSpeed's own save and load.
+
+A checkpoint is ``checkpoints/step_N/`` written by ``engine.save_checkpoint`` on every rank; after all
+ranks are done, rank 0 writes ``step_N/COMPLETE``. Resuming only ever picks a folder with that marker,
+so a save that a crash (or SIGKILL) interrupted is skipped with a message and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from linreg.errors import CheckpointError
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return Path(ckpt_root) / f"step_{step}"
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) for every step_N folder, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p, (p / MARKER).is_file()))
+    return sorted(out)
+
+
+def latest_complete(ckpt_root: Path, log=print) -> tuple[int, Path] | None:
+    """Newest complete checkpoint; says which newer ones are skipped as incomplete."""
+    found = list_checkpoints(ckpt_root)
+    for step, path, complete in reversed(found):
+        if complete:
+            return step, path
+        log(f"checkpoint {path} is incomplete (no {MARKER} marker: the save was interrupted); skipping it")
+    return None
+
+
+def mark_complete(path: Path, step: int, extra: dict | None = None) -> None:
+    info = {"step": step, "time": time.time(), **(extra or {})}
+    tmp = Path(path) / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.rename(Path(path) / MARKER)
+
+
+def remove_old(ckpt_root: Path, keep_last: int, log=print) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; incomplete ones older than the newest complete
+    one are removed too (they can never be resumed from)."""
+    if keep_last <= 0:
+        return
+    found = list_checkpoints(ckpt_root)
+    complete = [s for s, _, c in found if c]
+    if not complete:
+        return
+    keep = set(complete[-keep_last:])
+    newest = complete[-1]
+    for step, path, c in found:
+        if step in keep or (not c and step > newest):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"removed old checkpoint {path}")
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_resume(arg: str | None, ckpt_root: Path, log=print) -> tuple[int, Path] | None:
+    """``--resume``: ``auto`` (newest complete, or fresh start), ``none``, or a checkpoint folder."""
+    if arg in (None, "", "none"):
+        return None
+    if arg == "auto":
+        return latest_complete(ckpt_root, log=log)
+    path = Path(arg)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {arg}: no such checkpoint folder")
+    m = _STEP_DIR.match(path.name)
+    if not m:
+        raise CheckpointError(f"--resume {arg}: expected a folder named step_N written by this trainer")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"--resume {arg}: checkpoint is incomplete (no {MARKER} marker); refusing to load it")
+    return int(m.group(1)), path

@@ -1,0 +1,110 @@
+"""The Mistral-architecture model of the recipes: construction, parameter counts, FLOPs per token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from linreg.errors import ConfigError
+
+# Dense peak tensor throughput per device (TFLOP/s) in bf16/fp16, from vendor data sheets; matched as a
+# substring of torch.cuda.get_device_name(). Recipes may set train.peak_tflops instead.
+PEAK_TFLOPS_BF16 = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A6000": 155.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "V100": 125.0,
+    "4090": 165.0,
+    "3090": 71.0,
+    "MI300X": 1307.0,
+    "MI250X": 383.0,
+}
+
+
+def mistral_config(overrides: dict[str, Any], vocab_size: int, seq_len: int, attn_implementation: str = "sdpa"):
+    from transformers import MistralConfig
+
+    kw = dict(overrides)
+    kw.setdefault("vocab_size", vocab_size)
+    kw.setdefault("max_position_embeddings", max(seq_len, 2048))
+    kw.setdefault("tie_word_embeddings", False)
+    kw.setdefault("sliding_window", None)
+    if kw["vocab_size"] < vocab_size:
+        raise ConfigError(
+            f"model.config.vocab_size={kw['vocab_size']} is smaller than the tokenizer's vocabulary ({vocab_size})"
+        )
+    try:
+        cfg = MistralConfig(**kw)
+    except TypeError as exc:
+        raise ConfigError(f"model.config: {exc}") from None
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def build_model(config, seed: int, *, init_from: str | None = None, attn_implementation: str = "sdpa",
+                dtype: torch.dtype = torch.float32):
+    """Random init (seeded, identical on every rank) or load ``init_from``."""
+    from transformers import AutoModelForCausalLM, MistralForCausalLM
+
+    if init_from:
+        return AutoModelForCausalLM.from_pretrained(init_from, attn_implementation=attn_implementation,
+                                                    dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MistralForCausalLM(config)
+    return model.to(dtype)
+
+
+def count_parameters(model_or_config) -> dict[str, int]:
+    """Total, embedding (input + untied output) and non-embedding parameter counts.
+
+    Works on a model or, without allocating anything, on a config (via the meta device)."""
+    if not isinstance(model_or_config, torch.nn.Module):
+        from transformers import MistralForCausalLM
+
+        with torch.device("meta"):
+            model = MistralForCausalLM(model_or_config)
+    else:
+        model = model_or_config
+    seen: set[int] = set()
+    total = emb = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions .numel()
+        total += n
+        if "embed_tokens" in name or name.startswith("lm_head"):
+            emb += n
+    return {"total": total, "embedding": emb, "non_embedding": total - emb}
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters) + 6 x attention score/value products.
+
+    Forward 2N + attention 2 x 2 x L x T x d (causal masking not discounted, as is usual), times 3 for
+    forward + backward. The lm_head counts; the input embedding lookup does not.
+    """
+    n = count_parameters(config)
+    matmul_params = n["non_embedding"] + config.vocab_size * config.hidden_size  # lm_head
+    attn = 2 * 2 * config.num_hidden_layers * seq_len * config.hidden_size
+    return 3.0 * (2.0 * matmul_params + attn)
+
+
+def peak_flops_per_device(peak_tflops: float | None) -> float | None:
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_TFLOPS_BF16, key=len, reverse=True):
+        if key in name:
+            return PEAK_TFLOPS_BF16[key] * 1e12
+    return None

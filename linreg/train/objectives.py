@@ -1,0 +1,233 @@
+"""What the one training loop trains. An objective owns data, model construction, the loss and the export;
+the loop (``linreg.train.loop``) owns DeepSpeed, the schedule, logging, tracking and checkpoints.
+
+Kinds are looked up by ``task.kind`` in the recipe. Each entry is an import path, so modules that add
+kinds (distillation, fine-tuning) load only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from linreg.errors import ConfigError
+
+OBJECTIVES: dict[str, str] = {
+    "lm": "linreg.train.objectives:LMObjective",
+    "distill": "linreg.pruning.distill:DistillObjective",
+    "classification": "linreg.finetune.objectives:ClassificationObjective",
+    "reward": "linreg.finetune.objectives:RewardObjective",
+}
+
+
+@dataclass
+class RunContext:
+    recipe: Any
+    run_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    barrier: Callable[[], None]
+    log: Callable[[str], None]
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def objective_class(kind: str):
+    if kind not in OBJECTIVES:
+        raise ConfigError(f"task.kind: unknown kind {kind!r}; available: {', '.join(sorted(OBJECTIVES))}")
+    mod, _, name = OBJECTIVES[kind].partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def split_evenly(items: list, rank: int, world_size: int) -> tuple[list, list[bool]]:
+    """This rank's share of ``items`` and, per entry, whether it is real. Every rank gets the same count
+    (padding repeats the first item, flagged False) because ZeRO-3 needs the same number of forwards on
+    every rank."""
+    per = -(-len(items) // world_size)
+    mine = items[rank * per:(rank + 1) * per]
+    real = [True] * len(mine)
+    while len(mine) < per:
+        mine.append(items[0])
+        real.append(False)
+    return mine, real
+
+
+class Objective:
+    """Interface of a training objective (see :class:`LMObjective` for the reference implementation)."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.recipe = ctx.recipe
+
+    # data
+    def prepare(self) -> None: ...
+    def num_train_examples(self) -> int: ...
+    def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]: ...
+    # model
+    def build_model(self) -> torch.nn.Module: ...
+    def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+    def model_config(self):
+        return None
+    def on_engine_ready(self, engine) -> None:
+        """Hook after ``deepspeed.initialize`` (e.g. to move a frozen teacher to the device)."""
+    # loss
+    def loss(self, model, batch: dict, regularizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    # evaluation and tracking (every rank calls these with the same number of forwards)
+    def evaluate(self, model) -> dict[str, float]:
+        return {}
+    def tracking_batches(self) -> list[dict[str, torch.Tensor]]:
+        return []
+    def export(self, model, out_dir: Path) -> None: ...
+    def tokens_per_example(self) -> int:
+        return 0
+
+
+def lm_forward(model, batch: dict, regularizer, *, labels: bool = True):
+    """Forward a causal LM, capturing block states for the regularizer when one is set.
+
+    Returns (outputs, regularizer term or None). The capture hooks are removed before backward, so
+    activation checkpointing's recomputation does not see them."""
+    kwargs = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    if labels:
+        kwargs["labels"] = batch.get("labels", batch["input_ids"])
+    if regularizer is None:
+        return model(**kwargs), None
+    from linreg.hidden import BlockCapture
+
+    with BlockCapture(model, detach=False) as cap:
+        out = model(**kwargs)
+        reg = regularizer(cap.states, batch.get("attention_mask"), model=model)
+    return out, reg
+
+
+class LMObjective(Objective):
+    """Causal language modelling on packed blocks (pretraining)."""
+
+    def prepare(self) -> None:
+        from linreg.data import prepare_data
+        from linreg.data.config import resolve_cache_dir
+
+        r = self.recipe
+        kwargs = dict(seq_len=r.train.seq_len, cache_root=resolve_cache_dir(r.data), seed=r.train.seed,
+                      num_proc=r.data.num_proc)
+        if self.ctx.is_main:
+            self.data = prepare_data(r.data, r.tokenizer, progress=True, **kwargs)
+        self.ctx.barrier()
+        if not self.ctx.is_main:
+            self.data = prepare_data(r.data, r.tokenizer, progress=False, **kwargs)
+        self.tokenizer = self.data.tokenizer
+        if len(self.data.train) == 0:
+            from linreg.errors import DataError
+
+            raise DataError("the training split has no full block of train.seq_len tokens; add data or "
+                            "shorten train.seq_len")
+        self.ctx.log(f"data: {len(self.data.train)} train blocks, {len(self.data.val)} validation blocks of "
+                     f"{r.train.seq_len} tokens (shards in {self.data.shard_dir})")
+
+    def num_train_examples(self) -> int:
+        return len(self.data.train)
+
+    def tokens_per_example(self) -> int:
+        return self.recipe.train.seq_len
+
+    def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        order = np.argsort(indices)  # sorted reads from the memmap, original order restored
+        rows = np.empty((len(indices), self.data.train.shape[1]), dtype=np.int64)
+        rows[order] = self.data.train[indices[order]]
+        return {"input_ids": torch.from_numpy(rows)}
+
+    def model_config(self):
+        from linreg.model import mistral_config
+
+        r = self.recipe
+        if r.model.init_from:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(r.model.init_from)
+        return mistral_config(r.model.config, vocab_size=len(self.tokenizer), seq_len=r.train.seq_len,
+                              attn_implementation=r.model.attn_implementation)
+
+    def build_model(self):
+        from linreg.model import build_model
+
+        r = self.recipe
+        model = build_model(self.model_config(), r.train.seed, init_from=r.model.init_from,
+                            attn_implementation=r.model.attn_implementation)
+        if r.model.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return model
+
+    def loss(self, model, batch, regularizer):
+        out, reg = lm_forward(model, batch, regularizer)
+        parts = {"loss/lm": out.loss}
+        total = out.loss
+        if reg is not None:
+            parts["loss/regularizer"] = reg
+            total = total + reg
+        return total, parts
+
+    def _val_blocks(self, count: int) -> list[np.ndarray]:
+        n = min(count, len(self.data.val))
+        return [np.asarray(self.data.val[i], dtype=np.int64) for i in range(n)]
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict[str, float]:
+        import math
+
+        import torch.distributed as dist
+
+        blocks = self._val_blocks(self.recipe.train.eval_blocks)
+        if not blocks:
+            return {}
+        mine, real = split_evenly(blocks, self.ctx.rank, self.ctx.world_size)
+        was_training = model.training
+        model.eval()
+        tot = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        mb = self.recipe.train.micro_batch_size
+        for i in range(0, len(mine), mb):
+            ids = torch.from_numpy(np.stack(mine[i:i + mb])).to(self.ctx.device)
+            w = torch.tensor(real[i:i + mb], dtype=torch.float64, device=self.ctx.device)
+            logits = model(input_ids=ids).logits.float()
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
+            ).view(ids.size(0), -1).double().mean(1)
+            tot[0] += (nll * w).sum()
+            tot[1] += w.sum()
+        if dist.is_initialized():
+            dist.all_reduce(tot)
+        model.train(was_training)
+        val = (tot[0] / tot[1]).item()
+        return {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
+
+    def tracking_batches(self) -> list[dict[str, torch.Tensor]]:
+        blocks = self._val_blocks(self.recipe.track.blocks)
+        if not blocks:
+            return []
+        mine, real = split_evenly(blocks, self.ctx.rank, self.ctx.world_size)
+        out = []
+        mb = self.recipe.train.micro_batch_size
+        for i in range(0, len(mine), mb):
+            ids = torch.from_numpy(np.stack(mine[i:i + mb]))
+            mask = torch.tensor(real[i:i + mb], dtype=torch.long)[:, None].expand_as(ids).contiguous()
+            # attention_mask also marks padding rows for the accumulator; causal attention within a
+            # fully masked row is never used for anything
+            out.append({"input_ids": ids, "attention_mask": mask})
+        return out
+
+    def export(self, model, out_dir: Path) -> None:
+        model.config.use_cache = True
+        model.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
