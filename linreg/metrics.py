@@ -1,0 +1,552 @@
+"""Layer linearity metrics of "Your Transformer is Secretly Linear" (Razzhigaev et al., 2024).
+
+Definitions (full text with formulas: ``docs/metrics.md``). For token embeddings X, Y of shape
+``[n_tokens, d]`` (X = input of a block, Y = its output):
+
+* **linearity score**: center both by their column means, divide each by its Frobenius norm
+  (X~, Y~), then ``score = 1 - min_A ||X~ A - Y~||_F^2`` over all d x d matrices A. Equivalently the
+  share of Y~'s energy that lies in the column space of X~: ``||P_X Y~||_F^2``, in [0, 1]. It is
+  invariant to scaling, translation and any invertible linear map of X (and of Y).
+* **chance level**: when Y is independent of X the score is about ``rank(X)/(n-1)`` (the share of a
+  random direction of the (n-1)-dimensional centered token space that falls in a rank(X)-dimensional
+  subspace). Every result carries it as ``baseline``; a score is only meaningful well above it.
+  The score needs ``n > d + 1`` tokens (:class:`~linreg.errors.NotEnoughTokensError` otherwise).
+* **linearity without residual**: the same score between X and Y - X (the block's own contribution).
+* **contribution norm**: mean over tokens of ``||y - x|| / ||x||``.
+* **cosine**: mean over tokens of ``cos(x, y)``.
+
+Numerics. Everything is computed in float64 whatever the input dtype or device. Scores come from
+sufficient statistics: the token count, the column means, the centered cross-products
+``Cxx = Xc^T Xc`` and ``Cxt = Xc^T Tc`` (T the target) and the centered column sums of squares of T.
+Batches are merged with the pairwise update of Chan, Golub & LeVeque (each batch is centered on its
+own mean, then the means' offset enters as a rank-one correction), so large common offsets in the
+hidden states never cancel catastrophically, and ranks of a distributed run merge the same way.
+The projection ``||P_X T||^2 = tr(Cxt^T Cxx^+ Cxt)`` is evaluated with a symmetric eigendecomposition
+of the Jacobi-scaled Gram matrix ``D Cxx D`` (``D = diag(Cxx)^-1/2``): the scaling removes the huge
+spread of column scales of hidden states (outlier "massive activation" features) that dominates the
+condition number, features constant over all tokens are dropped, and eigenvalues below
+``rtol * max eigenvalue`` (default 1e-12, i.e. singular values below 1e-6 of the largest, the level of
+float32 rounding of the inputs) are treated as zero, which makes the score well defined and stable
+for rank-deficient X (duplicated, zero or linearly dependent features). The Gram route costs two
+``n x d x d`` float64 products and O(d^2) memory independent of n, versus an SVD of the whole
+``n x d`` matrix for the pseudo-inverse route of the paper's notebook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from linreg.errors import DataError, NotEnoughTokensError
+
+__all__ = [
+    "DEFAULT_RTOL",
+    "LayerLinearity",
+    "LinearityAccumulator",
+    "linearity_score",
+    "linearity_wo_residual",
+    "contribution_norm",
+    "mean_cosine",
+    "per_token_error",
+    "layer_linearity",
+    "chance_level",
+]
+
+#: Relative cut-off on the eigenvalues of the Jacobi-scaled Gram matrix (see module docstring).
+DEFAULT_RTOL = 1e-12
+# A feature whose centered spread is below this multiple of float64 resolution of its mean is
+# treated as constant (dropped) instead of being blown up to unit scale by the Jacobi scaling.
+_CONST_TOL = 64 * torch.finfo(torch.float64).eps
+# Norms below this are treated as zero in per-token ratios (contribution norm, cosine).
+_TINY = 1e-30
+
+
+def chance_level(n_tokens: int, rank: int) -> float:
+    """Expected linearity score of a target independent of X: ``rank / (n_tokens - 1)``."""
+    return float(rank) / float(n_tokens - 1) if n_tokens > 1 else float("nan")
+
+
+@dataclass
+class LayerLinearity:
+    """Linearity metrics of one pair (X = block input, Y = block output).
+
+    ``baseline`` is the chance level ``rank(X)/(n_tokens-1)`` of ``linearity`` and
+    ``linearity_wo_residual`` (equal to ``dim/(n_tokens-1)`` when X has full rank).
+    A metric that is undefined (a target constant over all tokens) is NaN, and None in ``to_dict``.
+    """
+
+    linearity: float
+    linearity_wo_residual: float
+    contribution_norm: float
+    cosine: float
+    n_tokens: int
+    dim: int
+    baseline: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite floats become None)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = None
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# input handling
+
+
+def _as_2d(name: str, t: Any, dim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if t.ndim < 1:
+        raise DataError(f"{name}: expected a tensor of shape [..., d], got a scalar")
+    if dim is not None and t.shape[-1] != dim:
+        raise DataError(f"{name}: last dimension is {t.shape[-1]}, expected hidden size {dim}")
+    if not (t.is_floating_point() or t.is_complex()):
+        t = t.to(torch.float64)
+    if t.is_complex():
+        raise DataError(f"{name}: complex tensors are not supported")
+    return t.reshape(-1, t.shape[-1])
+
+
+def _check_pair(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = _as_2d("x", x)
+    y2 = _as_2d("y", y)
+    if x2.shape != y2.shape:
+        raise DataError(f"x and y must have the same shape [n_tokens, d]; got {tuple(x2.shape)} and {tuple(y2.shape)}")
+    return x2, y2
+
+
+def _chunk_rows(dim: int) -> int:
+    """Rows per float64 chunk: about 8 M elements (64 MB) per chunk matrix."""
+    return max(256, (1 << 23) // max(dim, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# the solve shared by every score
+
+
+class _Projector:
+    """Pseudo-inverse of a centered Gram matrix ``Cxx`` in Jacobi-scaled coordinates.
+
+    ``Cxx^+ ~= S V diag(1/lam) V^T S`` restricted to the non-constant features ``idx``, with
+    ``S = diag(Cxx[idx, idx])^-1/2`` and the eigenpairs (lam, V) of ``S Cxx S`` above the cut-off.
+    """
+
+    def __init__(self, cxx: torch.Tensor, n: int, mean_x: torch.Tensor, rtol: float):
+        diag = cxx.diagonal()
+        const_level = n * (_CONST_TOL * mean_x.abs()) ** 2
+        ok = (diag > const_level) & (diag > 0)
+        self.idx = torch.nonzero(ok).flatten()
+        self.dim = cxx.shape[0]
+        if self.idx.numel() == 0:
+            self.scale = diag.new_zeros(0)
+            self.vecs = cxx.new_zeros(0, 0)
+            self.lam = diag.new_zeros(0)
+            return
+        scale = diag[self.idx].rsqrt()
+        gs = cxx[self.idx][:, self.idx] * scale[:, None] * scale[None, :]
+        gs = 0.5 * (gs + gs.T)
+        lam, vecs = torch.linalg.eigh(gs)
+        keep = lam > rtol * lam.max().clamp_min(0)
+        self.scale = scale
+        self.lam = lam[keep]
+        self.vecs = vecs[:, keep]
+
+    @property
+    def rank(self) -> int:
+        return int(self.lam.numel())
+
+    def coefficients(self, cxt: torch.Tensor) -> torch.Tensor:
+        """``V^T S Cxt[idx]`` ([rank, d_t]): coordinates of X^T T in the whitened basis."""
+        return self.vecs.T @ (self.scale[:, None] * cxt[self.idx])
+
+    def explained(self, cxt: torch.Tensor) -> float:
+        """``||P_X T||_F^2 = tr(Cxt^T Cxx^+ Cxt)`` for the centered target T."""
+        if self.rank == 0:
+            return 0.0
+        p = self.coefficients(cxt)
+        return float(((p * p).sum(dim=1) / self.lam).sum())
+
+    def solve(self, cxt: torch.Tensor) -> torch.Tensor:
+        """Least-squares map ``A = Cxx^+ Cxt`` ([d, d_t]), zero rows for dropped features."""
+        out = cxt.new_zeros(self.dim, cxt.shape[1])
+        if self.rank:
+            p = self.coefficients(cxt) / self.lam[:, None]
+            out[self.idx] = self.scale[:, None] * (self.vecs @ p)
+        return out
+
+
+def _share(projector: _Projector, cxt: torch.Tensor, qt: torch.Tensor) -> float:
+    total = float(qt.sum())
+    if not total > 0:
+        return float("nan")  # constant target: the share of its (zero) energy is undefined
+    return projector.explained(cxt) / total
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming statistics
+
+
+class LinearityAccumulator:
+    """Streaming float64 sufficient statistics of (X, Y) pairs for one block; O(d^2) memory.
+
+    Keeps the token count, column means of X and Y, centered cross-products ``Cxx = Xc^T Xc`` and
+    ``Cxz = Xc^T Zc`` with ``Z = Y - X`` (the block's residual-branch contribution; ``Cxy = Cxx + Cxz``
+    follows without cancellation, while taking Cxz directly keeps the small residual branch of deep
+    models accurate), centered column sums of squares of Y and Z, and running sums of the per-token
+    contribution-norm ratio and cosine. Batches merge by Chan's pairwise update (module docstring).
+
+    ``update(x, y, mask)`` takes ``[..., d]`` tensors of any dtype/device; ``mask`` (shape ``[...]``,
+    bool or 0/1) selects the tokens to count (exclude padding). ``all_reduce`` merges the statistics
+    of every torch.distributed rank in place, so all ranks then score the union of their tokens.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64):
+        if int(dim) <= 0:
+            raise DataError(f"LinearityAccumulator: dim must be positive, got {dim}")
+        if not dtype.is_floating_point:
+            raise DataError(f"LinearityAccumulator: dtype must be a floating dtype, got {dtype}")
+        self.dim = int(dim)
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        self.n_tokens = 0
+        self._alloc_done = False
+
+    # -- storage ------------------------------------------------------------------------------
+    def _alloc(self, device: torch.device) -> None:
+        d, kw = self.dim, {"dtype": self.dtype, "device": device}
+        self.device = device
+        self.mean_x = torch.zeros(d, **kw)
+        self.mean_y = torch.zeros(d, **kw)
+        self.cxx = torch.zeros(d, d, **kw)
+        self.cxz = torch.zeros(d, d, **kw)
+        self.qy = torch.zeros(d, **kw)
+        self.qz = torch.zeros(d, **kw)
+        # [sum of ||y-x||/||x||, sum of cos(x, y)]
+        self.sums = torch.zeros(2, **kw)
+        self._alloc_done = True
+
+    def _ensure(self, like: torch.Tensor) -> None:
+        if not self._alloc_done:
+            self._alloc(self.device if self.device is not None else like.device)
+
+    # -- updates ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> "LinearityAccumulator":
+        """Add the tokens of ``x``, ``y`` (``[..., d]``) selected by ``mask`` (``[...]``)."""
+        if x.shape != y.shape:
+            raise DataError(f"update: x and y shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+        if x.shape[-1] != self.dim:
+            raise DataError(f"update: last dimension is {x.shape[-1]}, accumulator has dim {self.dim}")
+        self._ensure(x)
+        x = x.detach()
+        y = y.detach()
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=x.device)
+            if tuple(mask.shape) != tuple(x.shape[:-1]):
+                raise DataError(f"update: mask shape {tuple(mask.shape)} does not match tokens shape {tuple(x.shape[:-1])}")
+            mask = mask.bool()
+            x, y = x[mask], y[mask]
+        x = x.reshape(-1, self.dim)
+        y = y.reshape(-1, self.dim)
+        rows = _chunk_rows(self.dim)
+        for start in range(0, x.shape[0], rows):
+            self._update_chunk(x[start : start + rows], y[start : start + rows])
+        return self
+
+    def _update_chunk(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        m = x.shape[0]
+        if m == 0:
+            return
+        x = x.to(device=self.device, dtype=self.dtype)
+        y = y.to(device=self.device, dtype=self.dtype)
+        # per-token ratios on the raw values
+        z = y - x
+        xn = x.norm(dim=1)
+        zn = z.norm(dim=1)
+        yn = y.norm(dim=1)
+        ratio = zn / xn.clamp_min(_TINY)
+        cos = (x * y).sum(dim=1) / (xn * yn).clamp_min(_TINY)
+        self.sums[0] += ratio.sum()
+        self.sums[1] += cos.sum()
+        # batch-centered moments
+        mx = x.mean(dim=0)
+        my = y.mean(dim=0)
+        xc = x - mx
+        yc = y - my
+        zc = yc - xc
+        n = self.n_tokens
+        if n == 0:
+            self.mean_x.copy_(mx)
+            self.mean_y.copy_(my)
+            torch.mm(xc.T, xc, out=self.cxx)
+            torch.mm(xc.T, zc, out=self.cxz)
+            self.qy.copy_((yc * yc).sum(dim=0))
+            self.qz.copy_((zc * zc).sum(dim=0))
+        else:
+            total = n + m
+            w = n * m / total
+            dx = mx - self.mean_x
+            dy = my - self.mean_y
+            dz = dy - dx
+            self.cxx.addmm_(xc.T, xc).addr_(dx, dx, alpha=w)
+            self.cxz.addmm_(xc.T, zc).addr_(dx, dz, alpha=w)
+            self.qy.add_((yc * yc).sum(dim=0)).add_(dy * dy, alpha=w)
+            self.qz.add_((zc * zc).sum(dim=0)).add_(dz * dz, alpha=w)
+            self.mean_x.add_(dx, alpha=m / total)
+            self.mean_y.add_(dy, alpha=m / total)
+        self.n_tokens = n + m
+
+    def merge(self, other: "LinearityAccumulator") -> "LinearityAccumulator":
+        """Add the statistics of another accumulator (same dim) into this one."""
+        if other.dim != self.dim:
+            raise DataError(f"merge: dims differ ({self.dim} vs {other.dim})")
+        if other.n_tokens == 0:
+            return self
+        self._ensure(other.cxx)
+        if self.n_tokens == 0:
+            for name in ("mean_x", "mean_y", "cxx", "cxz", "qy", "qz", "sums"):
+                getattr(self, name).copy_(getattr(other, name).to(self.device, self.dtype))
+            self.n_tokens = other.n_tokens
+            return self
+        n, m = self.n_tokens, other.n_tokens
+        total = n + m
+        w = n * m / total
+        o = {k: getattr(other, k).to(self.device, self.dtype) for k in ("mean_x", "mean_y", "cxx", "cxz", "qy", "qz", "sums")}
+        dx = o["mean_x"] - self.mean_x
+        dy = o["mean_y"] - self.mean_y
+        dz = dy - dx
+        self.cxx.add_(o["cxx"]).addr_(dx, dx, alpha=w)
+        self.cxz.add_(o["cxz"]).addr_(dx, dz, alpha=w)
+        self.qy.add_(o["qy"]).add_(dy * dy, alpha=w)
+        self.qz.add_(o["qz"]).add_(dz * dz, alpha=w)
+        self.sums.add_(o["sums"])
+        self.mean_x.add_(dx, alpha=m / total)
+        self.mean_y.add_(dy, alpha=m / total)
+        self.n_tokens = total
+        return self
+
+    @torch.no_grad()
+    def all_reduce(self, group: Any = None) -> "LinearityAccumulator":
+        """Merge the statistics of all ranks of ``group`` in place (every rank gets the union).
+
+        Ranks' means differ, so centered moments cannot simply be summed: each rank first moves its
+        moments from its own mean to the global mean (``C + n_r d_r d_r^T`` with ``d_r = mean_r -
+        mean``, a sum of positive terms, no cancellation), then everything is summed. Two collectives.
+        A no-op when torch.distributed is not initialized (a world of one). Every rank must call it,
+        also ranks that saw no tokens.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        if not self._alloc_done:
+            dev = self.device
+            if dev is None:
+                dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+            self._alloc(dev)
+        d = self.dim
+        n_local = float(self.n_tokens)
+        head = torch.cat([self.sums.new_tensor([n_local]), n_local * self.mean_x, n_local * self.mean_y])
+        dist.all_reduce(head, group=group)
+        n_total = head[0].item()
+        if n_total == 0:
+            return self
+        gx = head[1 : 1 + d] / n_total
+        gy = head[1 + d :] / n_total
+        dx = self.mean_x - gx
+        dy = self.mean_y - gy
+        dz = dy - dx
+        body = torch.cat(
+            [
+                (self.cxx + n_local * torch.outer(dx, dx)).flatten(),
+                (self.cxz + n_local * torch.outer(dx, dz)).flatten(),
+                self.qy + n_local * dy * dy,
+                self.qz + n_local * dz * dz,
+                self.sums,
+            ]
+        )
+        dist.all_reduce(body, group=group)
+        dd = d * d
+        self.cxx.copy_(body[:dd].view(d, d))
+        self.cxz.copy_(body[dd : 2 * dd].view(d, d))
+        self.qy.copy_(body[2 * dd : 2 * dd + d])
+        self.qz.copy_(body[2 * dd + d : 2 * dd + 2 * d])
+        self.sums.copy_(body[2 * dd + 2 * d :])
+        self.mean_x.copy_(gx)
+        self.mean_y.copy_(gy)
+        self.n_tokens = int(round(n_total))
+        return self
+
+    # -- results ------------------------------------------------------------------------------
+    def _check_enough(self, what: str) -> None:
+        if self.n_tokens <= self.dim + 1:
+            raise NotEnoughTokensError(self.n_tokens, self.dim, what)
+
+    def _projector(self, rtol: float) -> _Projector:
+        return _Projector(self.cxx, self.n_tokens, self.mean_x, rtol)
+
+    @torch.no_grad()
+    def result(self, rtol: float = DEFAULT_RTOL) -> LayerLinearity:
+        """All metrics of the tokens seen so far (raises NotEnoughTokensError if n <= d + 1)."""
+        self._check_enough("linearity score")
+        proj = self._projector(rtol)
+        cxy = self.cxx + self.cxz
+        n = self.n_tokens
+        return LayerLinearity(
+            linearity=_share(proj, cxy, self.qy),
+            linearity_wo_residual=_share(proj, self.cxz, self.qz),
+            contribution_norm=float(self.sums[0]) / n,
+            cosine=float(self.sums[1]) / n,
+            n_tokens=n,
+            dim=self.dim,
+            baseline=chance_level(n, proj.rank),
+        )
+
+    @torch.no_grad()
+    def fit_affine(self, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+        """Least-squares ``(W [d, d], b [d])`` with ``y ~ x @ W + b`` on the raw data (float64).
+
+        Minimum-norm solution (in Jacobi-scaled coordinates) when X is rank deficient; features
+        constant over all tokens get zero rows (their effect is absorbed in ``b``). Solved from the
+        Gram matrix, so W carries a relative error of about ``eps64 * cond(Xs)^2`` (Xs the centered,
+        Jacobi-scaled X; e.g. 1e-8 for cond 1e4), while the least-squares objective is reached to
+        near float64 precision, far below what a bf16/fp32 replacement layer can resolve.
+        """
+        self._check_enough("affine fit")
+        proj = self._projector(rtol)
+        w = proj.solve(self.cxx + self.cxz)
+        b = self.mean_y - self.mean_x @ w
+        return w, b
+
+
+# ----------------------------------------------------------------------------------------------
+# one-shot functions
+
+
+class _PairMoments:
+    """Chunked centered moments of (X, T) for the one-shot scores (T = Y or Y - X)."""
+
+    def __init__(self, x: torch.Tensor, t: torch.Tensor, device: torch.device):
+        n, d = x.shape
+        f64 = torch.float64
+        rows = _chunk_rows(d)
+        # exact float64 column means first (two passes), then centered products chunk by chunk
+        self.mean_x = torch.zeros(d, dtype=f64, device=device)
+        self.mean_t = torch.zeros(d, dtype=f64, device=device)
+        for s in range(0, n, rows):
+            self.mean_x += x[s : s + rows].to(device, f64).sum(dim=0)
+            self.mean_t += t[s : s + rows].to(device, f64).sum(dim=0)
+        self.mean_x /= n
+        self.mean_t /= n
+        self.cxx = torch.zeros(d, d, dtype=f64, device=device)
+        self.cxt = torch.zeros(d, d, dtype=f64, device=device)
+        self.qt = torch.zeros(d, dtype=f64, device=device)
+        for s in range(0, n, rows):
+            xc = x[s : s + rows].to(device, f64) - self.mean_x
+            tc = t[s : s + rows].to(device, f64) - self.mean_t
+            self.cxx.addmm_(xc.T, xc)
+            self.cxt.addmm_(xc.T, tc)
+            self.qt += (tc * tc).sum(dim=0)
+        self.n = n
+
+
+class _Residual:
+    """``y - x`` evaluated lazily per chunk (in float64) so the one-shot path stays O(chunk * d)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __getitem__(self, sl: slice) -> "_ResidualChunk":
+        return _ResidualChunk(self.x[sl], self.y[sl])
+
+
+class _ResidualChunk:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self.y.to(device, dtype) - self.x.to(device, dtype)
+
+
+def _one_shot(x: Any, y: Any, t_of: Any, rtol: float, what: str) -> tuple[float, int, int]:
+    x2, y2 = _check_pair(x, y)
+    n, d = x2.shape
+    if n <= d + 1:
+        raise NotEnoughTokensError(n, d, what)
+    dev = x2.device
+    t = t_of(x2, y2)
+    with torch.no_grad():
+        mom = _PairMoments(x2, t, dev)
+        proj = _Projector(mom.cxx, n, mom.mean_x, rtol)
+        return _share(proj, mom.cxt, mom.qt), proj.rank, n
+
+
+def linearity_score(x: torch.Tensor, y: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> float:
+    """Linearity score of Y given X (both ``[n_tokens, d]``, any dtype/device; float64 inside).
+
+    ``1 - min_A ||X~ A - Y~||_F^2`` with X~, Y~ centered and scaled to unit Frobenius norm; the
+    share of Y's centered energy in the column space of X. Chance level ``rank(X)/(n-1)``.
+    Memory: O(chunk * d + d^2) beyond the inputs. Raises NotEnoughTokensError if ``n <= d + 1``.
+    """
+    score, _, _ = _one_shot(x, y, lambda a, b: b, rtol, "linearity score")
+    return score
+
+
+def linearity_wo_residual(x: torch.Tensor, y: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> float:
+    """Linearity score of ``Y - X`` given X (the block's contribution without the residual path)."""
+    score, _, _ = _one_shot(x, y, lambda a, b: _Residual(a, b), rtol, "linearity score without residual")
+    return score
+
+
+def contribution_norm(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over tokens of ``||y - x|| / ||x||`` (float64)."""
+    x2, y2 = _check_pair(x, y)
+    x2, y2 = x2.detach().double(), y2.detach().double()
+    return float(((y2 - x2).norm(dim=1) / x2.norm(dim=1).clamp_min(_TINY)).mean())
+
+
+def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over tokens of ``cos(x, y)`` (float64)."""
+    x2, y2 = _check_pair(x, y)
+    x2, y2 = x2.detach().double(), y2.detach().double()
+    return float(((x2 * y2).sum(dim=1) / (x2.norm(dim=1) * y2.norm(dim=1)).clamp_min(_TINY)).mean())
+
+
+def layer_linearity(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None, *, rtol: float = DEFAULT_RTOL) -> LayerLinearity:
+    """All metrics of one pair at once (through :class:`LinearityAccumulator`)."""
+    x_t = torch.as_tensor(x)
+    acc = LinearityAccumulator(x_t.shape[-1], device=x_t.device)
+    acc.update(x_t, torch.as_tensor(y), mask=mask)
+    return acc.result(rtol=rtol)
+
+
+def per_token_error(x: torch.Tensor, y: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+    """Squared residual of each token under the least-squares map, on normalized data.
+
+    With X~, Y~ centered and scaled to unit Frobenius norm and A the least-squares map,
+    returns ``||(X~ A - Y~)_i||^2`` for each token i (float64, shape ``[n]``, on x's device); the
+    values sum to ``1 - linearity_score(x, y)``. Materializes the centered float64 matrices.
+    """
+    x2, y2 = _check_pair(x, y)
+    n, d = x2.shape
+    if n <= d + 1:
+        raise NotEnoughTokensError(n, d, "per-token error")
+    with torch.no_grad():
+        xc = x2.detach().double()
+        yc = y2.detach().double()
+        mean_x = xc.mean(dim=0)
+        xc = xc - mean_x
+        yc = yc - yc.mean(dim=0)
+        energy = float((yc * yc).sum())
+        if not energy > 0:
+            raise DataError("per_token_error: y is constant over all tokens; its normalized residual is undefined")
+        proj = _Projector(xc.T @ xc, n, mean_x, rtol)
+        a = proj.solve(xc.T @ yc)
+        resid = xc @ a - yc
+        return (resid * resid).sum(dim=1) / energy
