@@ -163,6 +163,10 @@ class Trainer:
         if self.resume is not None:
             self._maybe_universal(self.resume)
 
+        from linreg.regularizers import build_regularizer
+
+        self.regularizer = build_regularizer(r.regularizer.name, r.regularizer.weight, r.regularizer.layers,
+                                             **r.regularizer.options)
         ctx = RunContext(recipe=r, run_dir=self.run_dir, rank=self.rank, world_size=self.world, device=self.device,
                          barrier=self.barrier, log=self.log)
         self.objective = objective_class(r.task.kind)(ctx)
@@ -177,10 +181,6 @@ class Trainer:
                  f"global batch {r.train.global_batch_size} = {r.train.micro_batch_size} x {self.world} x "
                  f"{self.accum} accumulation")
 
-        from linreg.regularizers import build_regularizer
-
-        self.regularizer = build_regularizer(r.regularizer.name, r.regularizer.weight, r.regularizer.layers,
-                                             **r.regularizer.options)
         params = self.objective.trainable_parameters(model)
         optimizer = build_optimizer(params, r, self.ds_cfg, self.device)
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,155 @@
+"""The pretraining loop end to end, with real DeepSpeed engines (1 rank, and 2 CPU ranks over gloo)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.train_helpers import FAST, final_weights, losses, run_pretrain
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+BASE = FAST + [f"train.steps={STEPS}", "checkpoint.save_every=8", "checkpoint.keep_last=5"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache):
+    """24 uninterrupted steps on one rank: the reference for every other run."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = run_pretrain(out, BASE, cache)
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, cache, straight):
+    out = tmp_path_factory.mktemp("two-ranks")
+    proc = run_pretrain(out, BASE + ["train.deepspeed_config=ds_configs/zero2.json"], cache, ranks=2)
+    return out, proc
+
+
+def _assert_same_run(a, b, rtol=1e-4):
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == list(range(1, STEPS + 1)) == sorted(lb)
+    for s in la:
+        assert la[s] == pytest.approx(lb[s], rel=rtol), f"step {s}: {la[s]} vs {lb[s]}"
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_loss_goes_down_and_outputs_exist(straight):
+    out, proc = straight
+    lm = losses(out, "loss/lm")
+    first = sum(lm[s] for s in (1, 2, 3)) / 3
+    last = sum(lm[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+    assert last < first - 0.5, (first, last)
+    assert "per-layer linearity" in proc.stdout and "Hugging Face export" in proc.stdout
+    # exported model loads with the plain Transformers class and computes a finite loss
+    from transformers import AutoTokenizer, MistralForCausalLM
+
+    model = MistralForCausalLM.from_pretrained(out / "hf")
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    ids = tok("Once upon a time there was a little dog.", return_tensors="pt").input_ids
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    for step in (8, 16, 24):
+        assert (out / "checkpoints" / f"step_{step}" / "COMPLETE").is_file()
+
+
+def test_tensorboard_holds_linearity_and_loss_parts(straight):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = straight
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for metric in ("linearity", "linearity_wo_residual", "contribution_norm", "cosine"):
+        for layer in range(3):
+            assert f"{metric}/layer_{layer:02d}" in tags
+    for tag in ("loss/total", "loss/lm", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
+                "val/loss", "val/perplexity"):
+        assert tag in tags, tag
+    assert "linearity/profile" in acc.Tags()["images"]
+    # the JSONL twin agrees with TensorBoard, value by value
+    tb = {e.step: e.value for e in acc.Scalars("loss/lm")}
+    js = losses(out, "loss/lm")
+    assert tb.keys() == js.keys()
+    for s in tb:
+        assert tb[s] == pytest.approx(js[s], rel=1e-6)
+    lines = [json.loads(x) for x in (out / "linearity.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 8, 16, 24]
+    tb_lin = {e.step: e.value for e in acc.Scalars("linearity/layer_01")}
+    for rec in lines:
+        assert tb_lin[rec["step"]] == pytest.approx(rec["layers"][1]["linearity"], rel=1e-6)
+        for layer in rec["layers"]:
+            assert 0.0 <= layer["linearity"] <= 1.0 + 1e-9
+
+
+def test_two_ranks_zero2_match_one_rank(straight, two_ranks):
+    _assert_same_run(straight[0], two_ranks[0])
+
+
+def test_resume_after_kill_is_exact(tmp_path, cache, straight):
+    out = tmp_path / "killed"
+    proc = run_pretrain(out, BASE, cache, env={"LINREG_FAULT_KILL_AFTER_STEP": "8"}, check=False)
+    assert proc.returncode != 0  # SIGKILLed
+    assert not (out / "hf").exists()
+    proc = run_pretrain(out, BASE, cache)
+    assert "resumed from step 8" in proc.stdout
+    _assert_same_run(straight[0], out, rtol=1e-6)
+
+
+def test_kill_during_save_falls_back_to_previous_checkpoint(tmp_path, cache, straight):
+    out = tmp_path / "killed-in-save"
+    proc = run_pretrain(out, BASE, cache, env={"LINREG_FAULT_KILL_DURING_SAVE": "16"}, check=False)
+    assert proc.returncode != 0
+    assert (out / "checkpoints" / "step_16").is_dir()
+    assert not (out / "checkpoints" / "step_16" / "COMPLETE").exists()
+    proc = run_pretrain(out, BASE, cache)
+    assert "step_16 is incomplete" in proc.stdout and "resumed from step 8" in proc.stdout
+    _assert_same_run(straight[0], out, rtol=1e-6)
+
+
+def test_resume_two_rank_checkpoint_on_one_rank(tmp_path, cache, straight, two_ranks):
+    """Universal-checkpoint route: ZeRO-2 state written by 2 ranks, resumed by 1."""
+    out = tmp_path / "universal"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(two_ranks[0] / "checkpoints" / "step_8", out / "checkpoints" / "step_8")
+    shutil.copy(two_ranks[0] / "metrics.jsonl", out / "metrics.jsonl")
+    proc = run_pretrain(out, BASE, cache)
+    assert "written by 2 rank(s)" in proc.stdout and "resumed from step 8" in proc.stdout
+    ref = losses(straight[0])
+    got = losses(out)
+    assert got[9] == pytest.approx(ref[9], rel=1e-4)
+    _assert_same_run(straight[0], out)
+
+
+def test_nan_loss_stops_without_saving(tmp_path, cache):
+    out = tmp_path / "nan"
+    proc = run_pretrain(out, BASE, cache, env={"LINREG_FAULT_NAN_AT_STEP": "11"}, check=False)
+    assert proc.returncode == 2
+    assert "non-finite loss at step 11" in proc.stderr
+    assert "checkpoints/step_8" in proc.stderr  # says where the last good state is
+    steps = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
+    assert steps == [8]
+    assert max(losses(out)) == 10  # what was logged before the NaN is kept
+
+
+def test_bad_inputs_fail_before_compute(tmp_path, cache):
+    proc = run_pretrain(tmp_path / "a", BASE + ["train.stepz=3"], cache, check=False)
+    assert proc.returncode == 2 and "unknown recipe key 'train.stepz'" in proc.stderr
+    assert not (tmp_path / "a").exists()
+    proc = run_pretrain(tmp_path / "b", BASE + ["data.sources=[{path: /nonexistent/corpus.txt}]"], cache,
+                        check=False)
+    assert proc.returncode == 2 and "/nonexistent/corpus.txt" in proc.stderr
+    proc = run_pretrain(tmp_path / "c", BASE + ["regularizer.name=cosinus"], cache, check=False)
+    assert proc.returncode == 2 and "cosinus" in proc.stderr and "mse" in proc.stderr
