@@ -13,7 +13,6 @@ import sys
 
 # name -> (module, one-line description). The module defines main(argv) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo-metrics": ("linreg.demo", "Linearity profile of a small randomly initialised Mistral (no data, no training)."),
     "pretrain": ("linreg.train.cli", "Pretrain from a recipe (same as `deepspeed launch/pretrain.py`)."),
     "prepare-data": ("linreg.data.prepare", "Tokenize and pack a recipe's corpus into memory-mapped shards."),
     "submit": ("linreg.slurm", "Write and submit (or --dry-run print) a SLURM batch script for a recipe."),

@@ -98,6 +98,13 @@ def test_two_ranks_zero2_match_one_rank(straight, two_ranks):
     _assert_same_run(straight[0], two_ranks[0])
 
 
+def test_two_ranks_zero3_match_one_rank(tmp_path, cache, straight):
+    """ZeRO-3 partitions the parameters too: tracking, evaluation and the HF export gather them."""
+    out = tmp_path / "zero3"
+    run_pretrain(out, BASE + ["train.deepspeed_config=ds_configs/zero3.json"], cache, ranks=2)
+    _assert_same_run(straight[0], out)
+
+
 def test_resume_after_kill_is_exact(tmp_path, cache, straight):
     out = tmp_path / "killed"
     proc = run_pretrain(out, BASE, cache, env={"LINREG_FAULT_KILL_AFTER_STEP": "8"}, check=False)
