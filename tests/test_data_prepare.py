@@ -7,7 +7,6 @@ the repository); the others use the embedded synthetic stories.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from linreg.data.config import DataConfig, SourceConfig, TokenizerConfig, resolve_cache_dir
+from linreg.data.config import DataConfig, TokenizerConfig, resolve_cache_dir
 from linreg.data.sources import iter_documents, source_fingerprint
 from linreg.data.synthetic import synthetic_stories
 from linreg.errors import DataError, LinregError

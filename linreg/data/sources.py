@@ -209,9 +209,7 @@ def iter_file(path: Path, text_field: str = "text", txt_split: str = "paragraph"
         raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
-    except (OSError, EOFError) as exc:
-        if isinstance(exc, DataError):
-            raise
+    except (OSError, EOFError) as exc:  # unreadable file, truncated .gz
         raise DataError(f"{path}: cannot read ({exc})") from None
 
 
