@@ -508,7 +508,7 @@ class Grader:
                     self.stats.errors_by_status[kind] += 1
                     err = exc
                 else:
-                    content = (resp.choices[0].message.content or "") if resp.choices else ""
+                    content = self.redact((resp.choices[0].message.content or "") if resp.choices else "")
                     u = resp.usage
                     usage = {"prompt_tokens": int(getattr(u, "prompt_tokens", 0) or 0),
                              "completion_tokens": int(getattr(u, "completion_tokens", 0) or 0)}

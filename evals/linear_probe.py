@@ -423,6 +423,10 @@ def plot_accuracy(result: dict, path: str | Path, *, relative_depth: bool = Fals
                 ax.plot(x, [r["control_accuracy"] for r in lay], ls="--", lw=1, color=color, alpha=0.5,
                         label=f"{m['label']} (shuffled labels)")
         ax.axhline(result["task"]["chance"], color="grey", ls=":", lw=1, label="majority class")
+        if not relative_depth:
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("relative depth" if relative_depth else "layer (0 = embeddings)")
         ax.set_ylabel("probe test accuracy")
         ax.set_title(f"{result['task']['name']}: {pooling} token" if pooling == "last"

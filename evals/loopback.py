@@ -185,7 +185,13 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def do_GET(self):  # noqa: N802
-        if self.path.rstrip("/").endswith("/models"):
+        if self.path.rstrip("/").endswith("/stats"):
+            o = self.owner
+            with o.lock:
+                body = {"n_requests": o.n_requests, "statuses": {str(k): v for k, v in o.statuses.items()},
+                        "usage": dict(o.usage)}
+            self._send(200, {}, body)
+        elif self.path.rstrip("/").endswith("/models"):
             self._send(200, {}, {"object": "list", "data": [{"id": self.owner.model_name, "object": "model"}]})
         else:
             self._send(404, {}, _error("not found", "invalid_request_error"))
@@ -210,4 +216,29 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, headers, payload)
 
 
-__all__ = ["GradingServer"]
+def main(argv: list[str] | None = None) -> int:
+    """Serve on 127.0.0.1 until --duration passes or the process is stopped (prints the base URL)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m evals.loopback",
+                                description="OpenAI-compatible loopback grading server (tests, benchmarks, dry runs). "
+                                            "GET /v1/stats returns request counts.")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every request (default: 0)")
+    p.add_argument("--max-requests", type=int, default=100_000, help="answer 503 after this many requests")
+    p.add_argument("--duration", type=float, default=600.0, help="stop after this many seconds (default: 600)")
+    p.add_argument("--api-key", default=None, help="accept only this key (default: any)")
+    args = p.parse_args(argv)
+    with GradingServer(latency=args.latency, max_requests=args.max_requests, api_key=args.api_key) as srv:
+        print(srv.url, flush=True)
+        try:
+            time.sleep(args.duration)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["GradingServer", "main"]
