@@ -267,13 +267,15 @@ def measure_model(
     pair_ids = list(range(n_blocks)) if layers is None else sorted({int(i) % n_blocks for i in layers})
     device = _model_device(base)
     accs: dict[int, LinearityAccumulator] = {}
-    extra: dict[str, Any] = {"use_cache": False}
+    extra: dict[str, Any] = {}
     try:
         params = inspect.signature(base.forward).parameters
-        if "logits_to_keep" in params:
-            extra["logits_to_keep"] = 1  # the logits are not needed; keep the LM head cheap
     except (TypeError, ValueError):  # pragma: no cover
-        pass
+        params = {}
+    if "use_cache" in params:
+        extra["use_cache"] = False
+    if "logits_to_keep" in params:
+        extra["logits_to_keep"] = 1  # the logits are not needed; keep the LM head cheap
 
     iterator: Iterable[dict[str, Any]] = batches
     if progress:

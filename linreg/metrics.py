@@ -122,8 +122,8 @@ def _check_pair(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _chunk_rows(dim: int) -> int:
-    """Rows per float64 chunk: about 8 M elements (64 MB) per chunk matrix."""
-    return max(256, (1 << 23) // max(dim, 1))
+    """Rows per float64 chunk: about 4 M elements (32 MB) per chunk matrix."""
+    return max(256, (1 << 22) // max(dim, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +149,8 @@ class _Projector:
             self.lam = diag.new_zeros(0)
             return
         scale = diag[self.idx].rsqrt()
-        gs = cxx[self.idx][:, self.idx] * scale[:, None] * scale[None, :]
+        sub = cxx if self.idx.numel() == self.dim else cxx[self.idx][:, self.idx]
+        gs = sub * scale[:, None] * scale[None, :]
         gs = 0.5 * (gs + gs.T)
         lam, vecs = torch.linalg.eigh(gs)
         keep = lam > rtol * lam.max().clamp_min(0)
@@ -263,31 +264,33 @@ class LinearityAccumulator:
         m = x.shape[0]
         if m == 0:
             return
-        x = x.to(device=self.device, dtype=self.dtype)
-        y = y.to(device=self.device, dtype=self.dtype)
+        # fresh float64 copies, modified in place below (about three chunk-sized buffers in all)
+        xc = x.to(device=self.device, dtype=self.dtype, copy=True)
+        zc = y.to(device=self.device, dtype=self.dtype, copy=True)
         # per-token ratios on the raw values
-        z = y - x
-        xn = x.norm(dim=1)
-        zn = z.norm(dim=1)
-        yn = y.norm(dim=1)
-        ratio = zn / xn.clamp_min(_TINY)
-        cos = (x * y).sum(dim=1) / (xn * yn).clamp_min(_TINY)
-        self.sums[0] += ratio.sum()
-        self.sums[1] += cos.sum()
+        xn = torch.linalg.vector_norm(xc, dim=1)
+        yn = torch.linalg.vector_norm(zc, dim=1)
+        self.sums[1] += (torch.linalg.vecdot(xc, zc) / (xn * yn).clamp_min(_TINY)).sum()
+        zc -= xc  # z = y - x
+        self.sums[0] += (torch.linalg.vector_norm(zc, dim=1) / xn.clamp_min(_TINY)).sum()
         # batch-centered moments
-        mx = x.mean(dim=0)
-        my = y.mean(dim=0)
-        xc = x - mx
-        yc = y - my
-        zc = yc - xc
+        mx = xc.mean(dim=0)
+        mz = zc.mean(dim=0)
+        my = mx + mz
+        xc -= mx
+        zc -= mz
+        yc = torch.add(xc, zc)
+        qy = torch.linalg.vector_norm(yc, dim=0).square_()
+        del yc
+        qz = torch.linalg.vector_norm(zc, dim=0).square_()
         n = self.n_tokens
         if n == 0:
             self.mean_x.copy_(mx)
             self.mean_y.copy_(my)
             torch.mm(xc.T, xc, out=self.cxx)
             torch.mm(xc.T, zc, out=self.cxz)
-            self.qy.copy_((yc * yc).sum(dim=0))
-            self.qz.copy_((zc * zc).sum(dim=0))
+            self.qy.copy_(qy)
+            self.qz.copy_(qz)
         else:
             total = n + m
             w = n * m / total
@@ -296,8 +299,8 @@ class LinearityAccumulator:
             dz = dy - dx
             self.cxx.addmm_(xc.T, xc).addr_(dx, dx, alpha=w)
             self.cxz.addmm_(xc.T, zc).addr_(dx, dz, alpha=w)
-            self.qy.add_((yc * yc).sum(dim=0)).add_(dy * dy, alpha=w)
-            self.qz.add_((zc * zc).sum(dim=0)).add_(dz * dz, alpha=w)
+            self.qy.add_(qy).add_(dy * dy, alpha=w)
+            self.qz.add_(qz).add_(dz * dz, alpha=w)
             self.mean_x.add_(dx, alpha=m / total)
             self.mean_y.add_(dy, alpha=m / total)
         self.n_tokens = n + m
@@ -430,59 +433,47 @@ class LinearityAccumulator:
 
 
 class _PairMoments:
-    """Chunked centered moments of (X, T) for the one-shot scores (T = Y or Y - X)."""
+    """Chunked centered moments of (X, T) for the one-shot scores (T = Y, or Y - X if residual)."""
 
-    def __init__(self, x: torch.Tensor, t: torch.Tensor, device: torch.device):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, residual: bool):
         n, d = x.shape
         f64 = torch.float64
+        device = x.device
         rows = _chunk_rows(d)
-        # exact float64 column means first (two passes), then centered products chunk by chunk
+        # float64 column means first, then the centered products; both chunk by chunk so that no
+        # float64 copy of a whole input is ever made
         self.mean_x = torch.zeros(d, dtype=f64, device=device)
         self.mean_t = torch.zeros(d, dtype=f64, device=device)
         for s in range(0, n, rows):
-            self.mean_x += x[s : s + rows].to(device, f64).sum(dim=0)
-            self.mean_t += t[s : s + rows].to(device, f64).sum(dim=0)
+            self.mean_x += x[s : s + rows].sum(dim=0, dtype=f64)
+            self.mean_t += y[s : s + rows].sum(dim=0, dtype=f64)
         self.mean_x /= n
         self.mean_t /= n
+        if residual:
+            self.mean_t -= self.mean_x
         self.cxx = torch.zeros(d, d, dtype=f64, device=device)
         self.cxt = torch.zeros(d, d, dtype=f64, device=device)
         self.qt = torch.zeros(d, dtype=f64, device=device)
         for s in range(0, n, rows):
-            xc = x[s : s + rows].to(device, f64) - self.mean_x
-            tc = t[s : s + rows].to(device, f64) - self.mean_t
+            xc = x[s : s + rows].to(dtype=f64, copy=True)
+            tc = y[s : s + rows].to(dtype=f64, copy=True)
+            if residual:
+                tc -= xc
+            xc -= self.mean_x
+            tc -= self.mean_t
             self.cxx.addmm_(xc.T, xc)
             self.cxt.addmm_(xc.T, tc)
-            self.qt += (tc * tc).sum(dim=0)
+            self.qt += torch.linalg.vector_norm(tc, dim=0).square_()
         self.n = n
 
 
-class _Residual:
-    """``y - x`` evaluated lazily per chunk (in float64) so the one-shot path stays O(chunk * d)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __getitem__(self, sl: slice) -> "_ResidualChunk":
-        return _ResidualChunk(self.x[sl], self.y[sl])
-
-
-class _ResidualChunk:
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return self.y.to(device, dtype) - self.x.to(device, dtype)
-
-
-def _one_shot(x: Any, y: Any, t_of: Any, rtol: float, what: str) -> tuple[float, int, int]:
+def _one_shot(x: Any, y: Any, residual: bool, rtol: float, what: str) -> tuple[float, int, int]:
     x2, y2 = _check_pair(x, y)
     n, d = x2.shape
     if n <= d + 1:
         raise NotEnoughTokensError(n, d, what)
-    dev = x2.device
-    t = t_of(x2, y2)
     with torch.no_grad():
-        mom = _PairMoments(x2, t, dev)
+        mom = _PairMoments(x2.detach(), y2.detach(), residual)
         proj = _Projector(mom.cxx, n, mom.mean_x, rtol)
         return _share(proj, mom.cxt, mom.qt), proj.rank, n
 
@@ -494,13 +485,13 @@ def linearity_score(x: torch.Tensor, y: torch.Tensor, *, rtol: float = DEFAULT_R
     share of Y's centered energy in the column space of X. Chance level ``rank(X)/(n-1)``.
     Memory: O(chunk * d + d^2) beyond the inputs. Raises NotEnoughTokensError if ``n <= d + 1``.
     """
-    score, _, _ = _one_shot(x, y, lambda a, b: b, rtol, "linearity score")
+    score, _, _ = _one_shot(x, y, False, rtol, "linearity score")
     return score
 
 
 def linearity_wo_residual(x: torch.Tensor, y: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> float:
     """Linearity score of ``Y - X`` given X (the block's contribution without the residual path)."""
-    score, _, _ = _one_shot(x, y, lambda a, b: _Residual(a, b), rtol, "linearity score without residual")
+    score, _, _ = _one_shot(x, y, True, rtol, "linearity score without residual")
     return score
 
 
