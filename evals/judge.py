@@ -765,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         if labels and len(labels) != len(args.model):
             raise ConfigError(f"{len(labels)} --label for {len(args.model)} --model; give one per model or none")
         labels = labels or [model_label(m) for m in args.model]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"model labels must be unique, got {labels}; set them with --label")
         for m in args.model:
             resolve_model_path(m)
         out_dir = Path(args.output_dir)
@@ -772,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
         records: list[dict] = []
         for f in args.completions:
             records += load_completions(f)
+        clash = sorted(set(labels) & {r["model"] for r in records})
+        if clash:
+            raise ConfigError(f"labels {clash} name both a --model and completions in --completions; "
+                              "rename with --label")
         if args.model:
             beginnings = load_beginnings(args.prompts)[: args.limit_prompts or None]
             generated = []
@@ -787,8 +793,6 @@ def main(argv: list[str] | None = None) -> int:
                 del model
             write_jsonl(out_dir / "completions.jsonl", generated)
             records += generated
-        if len(set(r["model"] for r in records)) < len(set(labels)):
-            raise ConfigError("model labels collide")
         if args.generate_only:
             if not args.quiet:
                 print(f"wrote {len(records)} completions to {out_dir / 'completions.jsonl'}")

@@ -26,7 +26,7 @@ import argparse
 import csv
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -276,17 +276,17 @@ def extract_features(model, tokenizer, texts: list[str], *, pooling=POOLINGS, ba
                 T = mask.shape[1]
                 last = (T - 1 - mask.flip(1).float().argmax(1)).long()
                 m = mask.unsqueeze(-1).to(torch.float32)
-                stacked = torch.stack(hs, 0).to(torch.float32)  # [L+1, B, T, d]
+                ar = torch.arange(mask.shape[0], device=mask.device)
                 for p in pooling:
-                    if p == "last":
-                        ar = torch.arange(stacked.shape[1], device=stacked.device)
-                        feats = stacked[:, ar, last]  # [L+1, B, d]
-                    else:
-                        feats = (stacked * m).sum(2) / m.sum(1)
                     arr = out.get(p)
                     if arr is None:
-                        arr = out[p] = np.zeros((feats.shape[0], len(texts), feats.shape[-1]), np.float32)
-                    arr[:, idx] = feats.cpu().numpy()
+                        arr = out[p] = np.zeros((len(hs), len(texts), hs[0].shape[-1]), np.float32)
+                    for layer, h in enumerate(hs):  # one layer at a time: no [L+1, B, T, d] copy
+                        if p == "last":
+                            feats = h[ar, last].to(torch.float32)
+                        else:
+                            feats = (h.to(torch.float32) * m).sum(1) / m.sum(1)
+                        arr[layer, idx] = feats.cpu().numpy()
                 bar.update(len(idx))
         bar.close()
     finally:

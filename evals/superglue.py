@@ -89,15 +89,13 @@ MEAN_KEY = "mean"
 
 def _require_lm_eval():
     try:
-        import lm_eval  # noqa: F401
-        from lm_eval.models.huggingface import HFLM  # noqa: F401 - needs accelerate
+        import lm_eval
+        import lm_eval.models.huggingface  # noqa: F401 - needs accelerate
     except ImportError as exc:
         raise ConfigError(
             f"lm-evaluation-harness is not usable here ({exc}); install the optional extra: "
             "pip install 'linreg[eval]' (lm-eval>=0.4.5 with its HF backend: pip install 'lm-eval[hf]')"
         ) from exc
-    import lm_eval
-
     return lm_eval
 
 
@@ -124,8 +122,6 @@ class _Fn(str):
 
 
 def _yaml_loader(base: type):
-    import yaml
-
     class Loader(base):  # type: ignore[misc, valid-type]
         pass
 

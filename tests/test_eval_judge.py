@@ -27,7 +27,7 @@ def _rec(model, i, directives):
 BASELINE = [("[[grades 7 5 8 6 C]] [[429 x2]]"), ("[[grades 9 7 6 8 D]] [[500 x1]]"),
             ("[[grades 5 5 5 5 B]] [[malformed once]]"), ("[[grades 3 3 3 3 A]] [[malformed always]]")]
 # +mse: one that times out once, one plain
-MSE = [("[[grades 8 8 8 8 E]] [[slow 3 x1]]"), ("[[grades 6 4 6 4 C]]")]
+MSE = [("[[grades 8 8 8 8 E]] [[slow 5 x1]]"), ("[[grades 6 4 6 4 C]]")]
 EXPECTED_REQUESTS = (3 + 2 + 2 + 2) + (2 + 1)
 
 
@@ -58,7 +58,7 @@ def test_grading_end_to_end_retries_cache_and_no_key_leak(tmp_path, completions_
     with GradingServer(api_key=KEY, echo_auth_in_errors=True) as srv:
         monkeypatch.setenv("OPENAI_BASE_URL", srv.url)
         argv = ["--completions", str(completions_file), "--judge-model", "loopback-gpt", "--cache-dir", str(cache),
-                "-o", str(out), "--concurrency", "4", "--timeout", "1.0", "--backoff-base", "0.01",
+                "-o", str(out), "--concurrency", "4", "--timeout", "2.0", "--backoff-base", "0.01",
                 "--no-progress", "-vv"]
         assert judge.main(argv) == 0
         # retries really happened: the server saw every attempt
