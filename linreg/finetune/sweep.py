@@ -1,0 +1,207 @@
+"""Command line of fine-tuning: one run, or several seeds one after another, then the table.
+
+``deepspeed launch/finetune.py --recipe R [--seeds 1,2,3]``. Without ``--seeds`` this is the training
+loop's command line for ``classification`` / ``reward`` recipes (run folder = the recipe's output_dir).
+With ``--seeds`` every seed is a full run of the same loop in ``<output_dir>/seed_<s>`` (the recipe with
+``train.seed=s``), and ``<output_dir>/finetune_table.{md,json,png}`` is written at the end.
+
+The seeds run in the same processes, one after the other: torch.distributed is initialised once by
+the first run and its process group is reused by the next ones (each builds a fresh model, optimizer
+and DeepSpeed engine; the previous ones are released and garbage collected in between). A seed whose
+run already finished (``finetune.json`` says so, at ``train.steps``) is skipped, so re-running an
+interrupted sweep continues where it stopped (``--resume auto`` also resumes the interrupted seed from
+its newest checkpoint), and raising ``train.steps`` continues finished seeds from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+from linreg.errors import ConfigError, LinregError
+
+FINETUNE_KINDS = ("classification", "reward")
+
+EPILOG = """\
+overrides:
+  --set takes SECTION.KEY=VALUE, the value parsed as YAML; repeat it for several keys, e.g.
+    --set train.steps=200 --set optimizer.lr=1e-5 --set model.init_from=runs/mistral-150m/hf
+    --set task.options.max_train_examples=2000
+  Unknown keys and wrong types are refused before anything is computed.
+
+examples:
+  deepspeed launch/finetune.py --recipe recipes/finetune-tiny-classification.yaml --seeds 1,2
+  deepspeed --num_gpus 8 launch/finetune.py --recipe recipes/finetune-boolq.yaml --seeds 1,2,3
+  python launch/finetune.py --recipe recipes/finetune-hh-reward.yaml --set model.init_from=EleutherAI/pythia-410m
+  linreg finetune-table runs/finetune-boolq runs/finetune-cb     # one table for several sweeps
+"""
+
+
+def build_parser(prog: str = "launch/finetune.py") -> argparse.ArgumentParser:
+    from linreg.train.cli import build_parser as loop_parser
+
+    p = loop_parser(prog)
+    p.description = ("Fine-tune a causal LM with a classification or reward head from a recipe "
+                     "(task.kind classification|reward) through the training loop, tracking layer linearity "
+                     "before, during and after; with --seeds, several seeds and the linearity-change table.")
+    p.epilog = EPILOG
+    for action in p._actions:
+        if action.dest == "dry_run":
+            action.help = ("validate the recipe and task.options, print the resolved recipe (and the seed "
+                           "folders), and exit without reading data")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="run these train.seed values one after another in <output_dir>/seed_<s>, then write "
+                        "<output_dir>/finetune_table.{md,json,png} (mean ± std over the seeds)")
+    return p
+
+
+def parse_seeds(text: str | None) -> list[int]:
+    if text is None:
+        return []
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds: no seed given")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: repeated seed in {text!r}")
+    return seeds
+
+
+def _info_path(run_dir: Path) -> Path:
+    from linreg.finetune.objectives import FINETUNE_INFO
+
+    return run_dir / FINETUNE_INFO
+
+
+def is_finished(recipe) -> bool:
+    p = _info_path(recipe.run_dir)
+    if not p.is_file() or not (recipe.run_dir / "linearity.jsonl").is_file():
+        return False
+    try:
+        info = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return False
+    return bool(info.get("finished")) and info.get("final_step") == recipe.train.steps
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finish_run(recipe, result) -> str | None:
+    """Rank 0: mark the run finished in finetune.json (with the final validation metrics) and return a
+    one-line linearity summary."""
+    if _rank() != 0:
+        return None
+    from linreg.finetune.table import read_run
+
+    run_dir = recipe.run_dir
+    p = _info_path(run_dir)
+    info = json.loads(p.read_text()) if p.is_file() else {}
+    summary = read_run(run_dir)
+    info.update({"finished": True, "final_step": result.final_step, "val": summary.val,
+                 "linearity_before": summary.before, "linearity_after": summary.after})
+    p.write_text(json.dumps(info, indent=2) + "\n")
+    b, a = summary.before, summary.after
+    return (f"{summary.model} / {summary.task} seed {summary.seed}: linearity (mean over blocks) "
+            f"{b['linearity']:.4f} -> {a['linearity']:.4f} ({a['linearity'] - b['linearity']:+.4f}); "
+            f"without residual {b['linearity_wo_residual']:.4f} -> {a['linearity_wo_residual']:.4f} "
+            f"({a['linearity_wo_residual'] - b['linearity_wo_residual']:+.4f})"
+            + "".join(f"; {k} {v:.4f}" for k, v in sorted(summary.val.items()) if k in ("val/accuracy", "val/f1")))
+
+
+def _release() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None, prog: str = "launch/finetune.py") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        from linreg.config import from_dict, load_recipe, to_dict
+        from linreg.finetune.tasks import FinetuneOptions
+
+        seeds = parse_seeds(args.seeds)
+        overrides = list(args.overrides)
+        if args.output_dir:
+            overrides.append(f"output_dir={args.output_dir}")
+        recipe = load_recipe(args.recipe, overrides)
+        if recipe.task.kind not in FINETUNE_KINDS:
+            raise ConfigError(f"{prog} runs task.kind {' or '.join(FINETUNE_KINDS)} recipes; {args.recipe} has "
+                              f"{recipe.task.kind!r} (use launch/pretrain.py)")
+        from_dict(FinetuneOptions, recipe.task.options, "task.options")  # refuse bad options before any compute
+        if seeds and args.resume not in ("auto", "none"):
+            raise ConfigError("--resume DIR names the checkpoint of one run; with --seeds use auto or none")
+        base_dir = recipe.run_dir
+        if args.dry_run:
+            import yaml
+
+            print(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+            if seeds:
+                print("seeds: " + ", ".join(f"{s} -> {base_dir / f'seed_{s}'}" for s in seeds))
+            return 0
+
+        from linreg.train import run
+
+        if not seeds:
+            result = run(recipe, resume=args.resume)
+            line = finish_run(recipe, result)
+            if line:
+                print(line, flush=True)
+            return 0
+
+        run_dirs, lines = [], []
+        for s in seeds:
+            rs = load_recipe(args.recipe, overrides + [f"train.seed={s}"])
+            rs.output_dir = str(base_dir / f"seed_{s}")
+            run_dirs.append(rs.run_dir)
+            if is_finished(rs):
+                if _rank() == 0:
+                    print(f"seed {s}: {rs.run_dir} already finished; skipped (use a new --output-dir to run "
+                          f"it again)", flush=True)
+                continue
+            if _rank() == 0:
+                print(f"=== seed {s} ({seeds.index(s) + 1}/{len(seeds)}): {rs.run_dir}", flush=True)
+            result = run(rs, resume=args.resume)
+            line = finish_run(rs, result)
+            if line:
+                lines.append(line)
+                print(line, flush=True)
+            del result
+            _release()
+            _barrier()
+        if _rank() == 0:
+            from linreg.finetune.table import write_table
+
+            res = write_table(run_dirs, base_dir, strict=True)
+            print("\n" + res["markdown"], flush=True)
+            print("table: " + ", ".join(str(p) for p in res["paths"].values()), flush=True)
+        _barrier()
+        return 0
+    except LinregError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
