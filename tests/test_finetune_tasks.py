@@ -1,0 +1,225 @@
+"""Fine-tuning data readers, error reporting with file and line, task metrics and the pairwise reward loss
+against independent float64 references, and the linearity-change table on hand-written run folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from linreg.errors import ConfigError, DataError
+from linreg.finetune.tasks import FinetuneOptions, load_task_data, read_jsonl, synthetic_rows
+from tests.finetune_helpers import write_jsonl
+
+
+def opts(**kw) -> FinetuneOptions:
+    o = FinetuneOptions(**kw)
+    o.validate()
+    return o
+
+
+# -- readers ---------------------------------------------------------------------------------------
+
+
+def test_superglue_formats_from_local_jsonl(tmp_path):
+    boolq = [{"question": "is the sky blue", "passage": "The sky is blue by day.", "idx": 0, "label": 1},
+             {"question": "is grass red", "passage": "Grass is green.", "idx": 1, "label": False}]
+    d = load_task_data(opts(dataset="boolq", train_file=str(write_jsonl(tmp_path / "b.jsonl", boolq)),
+                            validation_file=str(tmp_path / "b.jsonl")), "classification")
+    assert d.train[0].text == "question: is the sky blue\npassage: The sky is blue by day."
+    assert [e.label for e in d.train] == [1, 0]
+    assert d.label_names == ["False", "True"] and d.name == "boolq"
+
+    multirc = [{"paragraph": "Tom has a dog.", "question": "What does Tom have?", "answer": "a dog", "label": 1}]
+    d = load_task_data(opts(dataset="multirc", train_file=str(write_jsonl(tmp_path / "m.jsonl", multirc)),
+                            validation_file=str(tmp_path / "m.jsonl")), "classification")
+    assert d.train[0].text == "question: What does Tom have?\nanswer: a dog\npassage: Tom has a dog."
+
+    cb = [{"premise": "It rained.", "hypothesis": "The ground is wet.", "label": "entailment"},
+          {"premise": "It rained.", "hypothesis": "It was dry.", "label": "Contradiction"},
+          {"premise": "It rained.", "hypothesis": "Tom was home.", "label": 2}]
+    d = load_task_data(opts(dataset="cb", train_file=str(write_jsonl(tmp_path / "c.jsonl", cb)),
+                            validation_file=str(tmp_path / "c.jsonl")), "classification")
+    assert d.train[0].text == "question: The ground is wet.\npassage: It rained."
+    assert [e.label for e in d.train] == [0, 1, 2] and d.num_labels == 3
+
+
+def test_generic_jsonl_string_labels_and_val_fraction(tmp_path):
+    rows = [{"text": f"t{i}", "label": ["neg", "pos", "mid"][i % 3]} for i in range(30)]
+    path = write_jsonl(tmp_path / "own.jsonl", rows)
+    a = load_task_data(opts(train_file=str(path), val_fraction=0.2), "classification")
+    b = load_task_data(opts(train_file=str(path), val_fraction=0.2), "classification")
+    assert a.label_names == ["mid", "neg", "pos"]  # sorted class names of the training split
+    assert len(a.validation) == 6 and len(a.train) == 24 and a.name == "own"
+    assert a.validation == b.validation  # fixed hold-out: the same for every train.seed
+    assert {e.text for e in a.train}.isdisjoint({e.text for e in a.validation})
+
+    pairs = [{"prompt_id": i, "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
+    d = load_task_data(opts(train_file=str(write_jsonl(tmp_path / "p.jsonl", pairs)), val_fraction=0.3), "reward")
+    assert len(d.train) == 7 and len(d.validation) == 3 and d.train[0].chosen.startswith("good")
+
+
+def test_malformed_line_reported_with_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 1\n')
+    with pytest.raises(DataError, match=rf"{path}:3: malformed JSON"):
+        load_task_data(opts(train_file=str(path), val_fraction=0.5), "classification")
+    path.write_text('{"text": "a", "label": 0}\n["not", "an", "object"]\n')
+    with pytest.raises(DataError, match=rf"{path}:2: expected a JSON object"):
+        list(read_jsonl(path))
+
+
+def test_missing_field_reported_with_file_and_line(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1},
+                                               {"txt": "c", "label": 1}])
+    with pytest.raises(DataError, match=rf"{val}:3: missing field 'text' \(fields present: label, txt\)"):
+        load_task_data(opts(train_file=str(train), validation_file=str(val)), "classification")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": "x", "rejected": "y"}, {"chosen": "x"}])
+    with pytest.raises(DataError, match=rf"{pairs}:2: missing field 'rejected'"):
+        load_task_data(opts(train_file=str(pairs), val_fraction=0.5), "reward")
+    boolq = write_jsonl(tmp_path / "boolq.jsonl", [{"question": "q", "label": 1}])
+    with pytest.raises(DataError, match=rf"{boolq}:1: missing field 'passage'"):
+        load_task_data(opts(dataset="boolq", train_file=str(boolq), validation_file=str(boolq)), "classification")
+
+
+def test_bad_values_reported_with_file_and_line(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    bad = write_jsonl(tmp_path / "v.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 5}])
+    with pytest.raises(DataError, match=rf"{bad}:2: label 5 out of range for 2 classes"):
+        load_task_data(opts(train_file=str(train), validation_file=str(bad)), "classification")
+    bad = write_jsonl(tmp_path / "v2.jsonl", [{"text": "  ", "label": 0}])
+    with pytest.raises(DataError, match=rf"{bad}:1: field 'text' is empty"):
+        load_task_data(opts(train_file=str(train), validation_file=str(bad)), "classification")
+    cb = write_jsonl(tmp_path / "cb.jsonl", [{"premise": "p", "hypothesis": "h", "label": "maybe"}])
+    with pytest.raises(DataError, match=rf"{cb}:1: unknown label 'maybe'"):
+        load_task_data(opts(dataset="cb", train_file=str(cb), validation_file=str(cb)), "classification")
+    test_split = write_jsonl(tmp_path / "test.jsonl", [{"text": "a", "label": -1}])
+    with pytest.raises(DataError, match=rf"{test_split}:1: .*negative labels"):
+        load_task_data(opts(train_file=str(test_split), validation_file=str(test_split)), "classification")
+    with pytest.raises(DataError, match="data file not found"):
+        load_task_data(opts(train_file=str(tmp_path / "nope.jsonl"), val_fraction=0.1), "classification")
+
+
+def test_option_errors():
+    with pytest.raises(ConfigError, match="validation_file or val_fraction"):
+        opts(train_file="x.jsonl")
+    with pytest.raises(ConfigError, match="needs a local JSONL"):
+        opts(dataset="jsonl")
+    with pytest.raises(ConfigError, match="reward data set; task.kind is 'classification'"):
+        load_task_data(opts(dataset="hh-helpful"), "classification")
+    from linreg.config import from_dict
+
+    with pytest.raises(ConfigError, match="unknown recipe key 'task.options.train_fil'"):
+        from_dict(FinetuneOptions, {"train_fil": "x"}, "task.options")
+
+
+def test_synthetic_rows_are_deterministic():
+    assert synthetic_rows("classification", 20, 0) == synthetic_rows("classification", 20, 0)
+    rows = synthetic_rows("classification", 200, 0)
+    assert 0.35 < np.mean([r["label"] for r in rows]) < 0.65
+    pairs = synthetic_rows("reward", 5, 1)
+    assert all(p["chosen"] != p["rejected"] and "Assistant:" in p["chosen"] for p in pairs)
+
+
+# -- metrics and the pairwise loss against independent references -------------------------------------
+
+
+def test_classification_metrics_match_sklearn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from linreg.finetune.objectives import classification_metrics
+
+    rng = np.random.default_rng(0)
+    for n_cls in (2, 3):
+        y = rng.integers(0, n_cls, 200)
+        p = np.where(rng.random(200) < 0.6, y, rng.integers(0, n_cls, 200))
+        conf = np.zeros((n_cls, n_cls))
+        np.add.at(conf, (y, p), 1)
+        m = classification_metrics(conf)
+        assert m["accuracy"] == pytest.approx(accuracy_score(y, p), abs=1e-12)
+        assert m["f1_macro"] == pytest.approx(f1_score(y, p, average="macro"), abs=1e-12)
+        expect = f1_score(y, p) if n_cls == 2 else f1_score(y, p, average="macro")
+        assert m["f1"] == pytest.approx(expect, abs=1e-12)
+    # a class never true nor predicted counts as F1 0 in the macro mean (sklearn zero_division=0)
+    y, p = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
+    conf = np.zeros((3, 3))
+    np.add.at(conf, (y, p), 1)
+    assert classification_metrics(conf)["f1_macro"] == pytest.approx(
+        f1_score(y, p, labels=[0, 1, 2], average="macro", zero_division=0), abs=1e-12)
+
+
+def test_pairwise_loss_and_accuracy_on_known_rewards():
+    import torch
+
+    from linreg.finetune.objectives import pair_accuracy, pairwise_loss
+
+    rc = [2.0, -1.0, 0.5, 30.0, -40.0, 1.25]
+    rr = [1.0, 0.0, 0.5, -30.0, 40.0, -0.75]
+
+    def ref_nll(d: float) -> float:  # -log sigmoid(d), float64, written out
+        return -math.log(1.0 / (1.0 + math.exp(-d))) if d > -30 else -d + math.log1p(math.exp(d))
+
+    expect = sum(ref_nll(a - b) for a, b in zip(rc, rr)) / len(rc)
+    got = pairwise_loss(torch.tensor(rc, dtype=torch.float64), torch.tensor(rr, dtype=torch.float64))
+    assert got.item() == pytest.approx(expect, rel=1e-12)
+    assert math.isfinite(pairwise_loss(torch.tensor([-40.0]), torch.tensor([40.0])).item())  # no overflow
+    # ranked right: 2>1, 30>-30, 1.25>-0.75; wrong: -1<0, -40<40, and the tie 0.5=0.5
+    assert pair_accuracy(torch.tensor(rc), torch.tensor(rr)).item() == pytest.approx(3 / 6)
+    # gradient: d/dr_c of -log sigmoid(r_c - r_r) = -(1 - sigmoid(d)) / n = -1 / ((1 + exp(d)) n)
+    a = torch.tensor(rc, dtype=torch.float64, requires_grad=True)
+    pairwise_loss(a, torch.tensor(rr, dtype=torch.float64)).backward()
+    ref = [-1 / (1 + math.exp(x - y)) / len(rc) for x, y in zip(rc, rr)]
+    assert a.grad.tolist() == pytest.approx(ref, rel=1e-9)
+
+
+# -- the table --------------------------------------------------------------------------------------
+
+
+def _fake_run(folder, model, task, seed, before, after, val_acc):
+    folder.mkdir(parents=True)
+    (folder / "finetune.json").write_text(json.dumps({"model": model, "task": task, "kind": "classification",
+                                                      "seed": seed}))
+    lines = []
+    for step, vals in ((0, before), (10, [0.5] * len(before)), (20, after)):
+        layers = [{"linearity": v, "linearity_wo_residual": v / 2, "contribution_norm": 1.0, "cosine": 0.5}
+                  for v in vals]
+        lines.append(json.dumps({"step": step, "n_tokens": 500, "baseline": 0.1, "layers": layers}))
+    (folder / "linearity.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 10, "val/accuracy": 0.1}) + "\n"
+                                          + json.dumps({"step": 20, "val/accuracy": val_acc, "val/f1": 0.5}) + "\n")
+
+
+def test_table_means_and_stds_over_seeds(tmp_path, capsys):
+    from linreg.finetune.table import main
+
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep / "seed_1", "m", "boolq", 1, [0.8, 0.9], [0.9, 0.96], 0.7)
+    _fake_run(sweep / "seed_2", "m", "boolq", 2, [0.82, 0.88], [0.95, 0.97], 0.8)
+    _fake_run(tmp_path / "other", "m", "cb", 1, [0.7, 0.7], [0.6, 0.7], 0.5)
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "linearity.jsonl").write_text(json.dumps({"step": 0, "layers": []}) + "\n")
+    assert main([str(sweep), str(tmp_path / "other"), str(tmp_path / "unfinished"), "--out", str(tmp_path / "t")]) == 0
+    out, err = capsys.readouterr()
+    assert "skipping" in err and "unfinished" in err
+    rows = json.loads((tmp_path / "t" / "finetune_table.json").read_text())["rows"]
+    assert [(r["model"], r["task"], r["seeds"]) for r in rows] == [("m", "boolq", [1, 2]), ("m", "cb", [1])]
+    deltas = [(0.9 + 0.96) / 2 - (0.8 + 0.9) / 2, (0.95 + 0.97) / 2 - (0.82 + 0.88) / 2]
+    lin = rows[0]["linearity"]
+    assert lin["delta"]["mean"] == pytest.approx(statistics.fmean(deltas), abs=1e-12)
+    assert lin["delta"]["std"] == pytest.approx(statistics.stdev(deltas), abs=1e-12)
+    assert lin["before"]["values"] == pytest.approx([0.85, 0.85])
+    assert rows[0]["linearity_wo_residual"]["delta"]["mean"] == pytest.approx(statistics.fmean(deltas) / 2)
+    assert lin["layers_after"] == pytest.approx([0.925, 0.965])
+    assert rows[0]["val"]["val/accuracy"]["mean"] == pytest.approx(0.75)  # the last logged value per run
+    assert rows[1]["linearity"]["delta"]["std"] is None  # one seed: no spread
+    md = (tmp_path / "t" / "finetune_table.md").read_text()
+    assert md == out.rstrip("\n") + "\n" or md.strip() in out
+    assert f"| m | boolq | 2 | 20 | 0.8500 ± 0.0000 | 0.9450 ± 0.0212 | +{statistics.fmean(deltas):.4f} ± " in md
+    assert (tmp_path / "t" / "finetune_table.png").stat().st_size > 1000
+    assert main([str(tmp_path / "unfinished"), "--strict"]) == 2
+    assert "only the step-0 line" in capsys.readouterr().err
+    assert main([str(tmp_path / "empty-nonexistent")]) == 2
