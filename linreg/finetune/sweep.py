@@ -109,12 +109,18 @@ def finish_run(recipe, result) -> str | None:
         return None
     from linreg.finetune.table import read_run
 
+    from linreg.errors import DataError
+
     run_dir = recipe.run_dir
     p = _info_path(run_dir)
     info = json.loads(p.read_text()) if p.is_file() else {}
-    summary = read_run(run_dir)
-    info.update({"finished": True, "final_step": result.final_step, "val": summary.val,
-                 "linearity_before": summary.before, "linearity_after": summary.after})
+    info.update({"finished": True, "final_step": result.final_step})
+    try:
+        summary = read_run(run_dir)
+    except DataError as exc:  # tracking off (track.enabled / track.at_start false)
+        p.write_text(json.dumps(info, indent=2) + "\n")
+        return f"{run_dir}: finished; no linearity change to report ({exc})"
+    info.update({"val": summary.val, "linearity_before": summary.before, "linearity_after": summary.after})
     p.write_text(json.dumps(info, indent=2) + "\n")
     b, a = summary.before, summary.after
     return (f"{summary.model} / {summary.task} seed {summary.seed}: linearity (mean over blocks) "
@@ -150,6 +156,9 @@ def main(argv: list[str] | None = None, prog: str = "launch/finetune.py") -> int
             raise ConfigError(f"{prog} runs task.kind {' or '.join(FINETUNE_KINDS)} recipes; {args.recipe} has "
                               f"{recipe.task.kind!r} (use launch/pretrain.py)")
         from_dict(FinetuneOptions, recipe.task.options, "task.options")  # refuse bad options before any compute
+        if seeds and not (recipe.track.enabled and recipe.track.at_start):
+            raise ConfigError("--seeds writes the linearity-change table: it needs track.enabled and "
+                              "track.at_start (the step-0 measurement before fine-tuning)")
         if seeds and args.resume not in ("auto", "none"):
             raise ConfigError("--resume DIR names the checkpoint of one run; with --seeds use auto or none")
         base_dir = recipe.run_dir

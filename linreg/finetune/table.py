@@ -215,7 +215,7 @@ def plot_table(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax0.axhline(0.0, color="black", lw=0.8)
     ax0.set_xticks(list(xs))
     ax0.set_xticklabels(labels, fontsize=8)
-    ax0.set_ylabel("change after fine-tuning (mean over blocks)")
+    ax0.set_ylabel("after - before (mean over blocks)")
     ax0.set_title("linearity change (mean ± std over seeds)")
     ax0.legend(fontsize=8)
     ax0.grid(axis="y", alpha=0.3)
