@@ -202,7 +202,10 @@ def test_table_means_and_stds_over_seeds(tmp_path, capsys):
     _fake_run(tmp_path / "other", "m", "cb", 1, [0.7, 0.7], [0.6, 0.7], 0.5)
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "linearity.jsonl").write_text(json.dumps({"step": 0, "layers": []}) + "\n")
-    assert main([str(sweep), str(tmp_path / "other"), str(tmp_path / "unfinished"), "--out", str(tmp_path / "t")]) == 0
+    from linreg.cli import main as linreg_cli
+
+    assert linreg_cli(["finetune-table", str(sweep), str(tmp_path / "other"), str(tmp_path / "unfinished"),
+                       "--out", str(tmp_path / "t")]) == 0
     out, err = capsys.readouterr()
     assert "skipping" in err and "unfinished" in err
     rows = json.loads((tmp_path / "t" / "finetune_table.json").read_text())["rows"]
@@ -223,3 +226,43 @@ def test_table_means_and_stds_over_seeds(tmp_path, capsys):
     assert main([str(tmp_path / "unfinished"), "--strict"]) == 2
     assert "only the step-0 line" in capsys.readouterr().err
     assert main([str(tmp_path / "empty-nonexistent")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "--strict" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # imports `datasets` (seconds)
+def test_hub_code_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
+    """The `datasets.load_dataset` route of the hub data sets, on local folders laid out like the hub repos
+    (aps/super_glue: one configuration per task, declared in the README; Anthropic/hh-rlhf: data_dir
+    subsets with train/test files)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    sg = tmp_path / "super_glue"
+    write_jsonl(sg / "boolq" / "train.jsonl", [{"question": "q1", "passage": "p1", "idx": 0, "label": 1},
+                                               {"question": "q2", "passage": "p2", "idx": 1, "label": 0}])
+    write_jsonl(sg / "boolq" / "validation.jsonl", [{"question": "q3", "passage": "p3", "idx": 0, "label": -1}])
+    write_jsonl(sg / "cb" / "train.jsonl", [{"premise": "a", "hypothesis": "b", "idx": 0, "label": 2}])
+    write_jsonl(sg / "cb" / "validation.jsonl", [{"premise": "c", "hypothesis": "d", "idx": 0, "label": 0}])
+    (sg / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+        f"  - split: validation\n    path: {c}/validation.jsonl\n" for c in ("boolq", "cb")) + "---\n")
+    d = load_task_data(opts(dataset="cb", hf=str(sg)), "classification")
+    assert d.train[0].text == "question: b\npassage: a" and d.train[0].label == 2
+    assert d.sources["validation"] == f"hf:{sg}/cb:validation"
+    with pytest.raises(DataError, match=rf"{sg}/boolq:validation row 0: .*negative labels"):
+        load_task_data(opts(dataset="boolq", hf=str(sg)), "classification")
+
+    hh = tmp_path / "hh"
+    for sub in ("helpful-base", "helpful-online"):
+        write_jsonl(hh / sub / "train.jsonl", [{"chosen": f"{sub} good {i}", "rejected": f"{sub} bad {i}"}
+                                               for i in range(3)])
+        write_jsonl(hh / sub / "test.jsonl", [{"chosen": f"{sub} good", "rejected": f"{sub} bad"}])
+    d = load_task_data(opts(dataset="hh-helpful", hf=str(hh), hf_data_dirs=["helpful-base", "helpful-online"]),
+                       "reward")
+    assert len(d.train) == 6 and len(d.validation) == 2  # HH validates on its test split
+    assert d.validation[1].chosen == "helpful-online good"
+    d = load_task_data(opts(dataset="hh-helpful", hf=str(hh)), "reward")  # default subset: helpful-base
+    assert len(d.train) == 3
+    with pytest.raises(DataError, match="could not load .* Offline\\? Point task.options.train_file"):
+        load_task_data(opts(dataset="hh-helpful", hf=str(tmp_path / "missing")), "reward")
