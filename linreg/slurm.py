@@ -27,7 +27,6 @@ DEFAULT_TEMPLATE = REPO_ROOT / "launch" / "slurm" / "pretrain.sbatch"
 DEFAULT_SCRIPT = "launch/pretrain.py"
 SUBMITTED_NAME = "slurm-submit.sbatch"
 
-_BLOCKS = ("sbatch options", "settings")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 

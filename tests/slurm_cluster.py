@@ -17,7 +17,9 @@ for the test's commands (``sbatch``, ``scontrol``, ``linreg submit``). Run by ha
 
 from __future__ import annotations
 
+import ctypes
 import os
+import random
 import re
 import shutil
 import signal
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "srun")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "srun")
 PACKAGES = "slurmctld slurmd munge"  # Debian/Ubuntu packages that provide BINARIES
 
 
@@ -149,6 +151,9 @@ class SlurmCluster:
                     "AccountingStorageType=accounting_storage/none",
                     "JobCompType=jobcomp/none",
                     "JobRequeue=1",
+                    # job ids (and the batch script's rendezvous port, 10000 + id % 20000) differ
+                    # between clusters that run at the same time on one machine
+                    f"FirstJobId={random.randrange(1000, 19000)}",
                     # finished jobs stay visible to `scontrol show job` (no slurmdbd, no sacct)
                     "MinJobAge=86400",
                     "KillWait=5",
@@ -166,7 +171,7 @@ class SlurmCluster:
         log = open(self.root / "log" / f"{name}.stdout", "ab")
         self.procs[name] = subprocess.Popen(
             argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
         log.close()
 
@@ -265,6 +270,14 @@ class SlurmCluster:
         # job processes are reparented away from slurmd; kill whatever still runs from our spool
         _kill_leftovers(self.root)
         self.procs.clear()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies without tearing down."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _kill_leftovers(root: Path) -> None:
