@@ -1,0 +1,147 @@
+"""Distillation through the real training loop (1 rank, ``python launch/distill.py``) on real text: a teacher
+trained here on the shared TinyStories sample, 2 of its 4 blocks replaced by fitted linear maps, distilled;
+then ``linreg analyze --checkpoints`` on the distillation run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from linreg.hidden import BlockCapture
+from linreg.pruning import load_pruned, save_pruned
+from linreg.pruning.distill import layerwise_mse
+from linreg.pruning.perplexity import perplexity
+from linreg.pruning.prune import prune_model
+from linreg.pruning.surgery import provenance
+from tests.tiny_models import REPO, TINYSTORIES, pack, save_model, tiny_model, train_lm, train_tokenizer
+from tests.train_helpers import env_for, losses
+
+pytestmark = pytest.mark.slow
+needs_text = pytest.mark.skipif(not TINYSTORIES.is_file(), reason=f"shared TinyStories sample not found at {TINYSTORIES}")
+SEQ = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def held_out_mse(student, teacher, blocks) -> float:
+    kept = provenance(student)["kept_layers"]
+    pairs = [(j + 1, kept[j] + 1) for j in range(len(kept))]
+    ids = torch.from_numpy(blocks)
+    with torch.no_grad(), BlockCapture(teacher) as tc, BlockCapture(student) as sc:
+        teacher(input_ids=ids)
+        student(input_ids=ids)
+        return float(layerwise_mse(list(sc.states), list(tc.states), pairs))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not TINYSTORIES.is_file():
+        pytest.skip(f"shared TinyStories sample not found at {TINYSTORIES}")
+    root = tmp_path_factory.mktemp("distill")
+    paras = [p for p in TINYSTORIES.read_text().split("\n\n") if p.strip()]
+    cut = int(len(paras) * 0.85)
+    train_txt = root / "train.txt"
+    train_txt.write_text("\n\n".join(paras[:cut]) + "\n")
+    held_txt = "\n\n".join(paras[cut:])
+    tok = train_tokenizer([train_txt.read_text()], vocab_size=384)
+    train_blocks = pack(tok, train_txt.read_text(), SEQ)
+    held = pack(tok, held_txt, SEQ)[:96]
+    teacher = tiny_model("mistral", d=48, layers=4, vocab=384, seed=0)
+    train_lm(teacher, train_blocks, steps=120, batch=8, lr=3e-3)
+    save_model(teacher, tok, root / "teacher")
+    student = copy.deepcopy(teacher)
+    # a small calibration set (192 tokens for d = 48): the least-squares maps overfit it, which leaves the
+    # distillation (thousands of tokens) something clear to win back
+    cal = [{"input_ids": torch.from_numpy(train_blocks[:3])}]
+    report = prune_model(student, cal, 2, select="linearity", replace="linear")
+    save_pruned(student, root / "student", tokenizer=tok)
+    before = {"mse": held_out_mse(student, teacher, held),
+              "ppl": perplexity(student, held, progress=False)["perplexity"],
+              "teacher_ppl": perplexity(teacher, held, progress=False)["perplexity"]}
+    run = root / "run"
+    sets = [f"task.options.teacher={root / 'teacher'}", f"task.options.student={root / 'student'}",
+            f"data.sources=[{{path: {train_txt}}}]", "data.val_docs=40", f"train.seq_len={SEQ}", "train.steps=30",
+            "train.log_every=1", "train.eval_every=15", "train.eval_blocks=8", "optimizer.lr=1e-3",
+            "track.every=15", "track.blocks=4", "checkpoint.save_every=15", "checkpoint.keep_last=3"]
+    cmd = [sys.executable, str(REPO / "launch" / "distill.py"), "--recipe", str(REPO / "recipes" / "distill-tiny.yaml"),
+           "--output-dir", str(run), "--resume", "none"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=REPO, env=env_for(root / "cache"), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"distillation failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return {"root": root, "teacher": teacher, "student": student, "report": report, "held": held, "before": before,
+            "run": run, "proc": proc, "tok": tok}
+
+
+@needs_text
+def test_distillation_lowers_layerwise_mse_and_perplexity(setup):
+    before = setup["before"]
+    assert before["ppl"] > before["teacher_ppl"]  # the cut costs something to win back
+    distilled = load_pruned(setup["run"] / "hf").eval()
+    after = {"mse": held_out_mse(distilled, setup["teacher"], setup["held"]),
+             "ppl": perplexity(distilled, setup["held"], progress=False)["perplexity"]}
+    print(f"held-out: teacher ppl {before['teacher_ppl']:.3f}; replaced ppl {before['ppl']:.3f} mse {before['mse']:.5f}; "
+          f"distilled ppl {after['ppl']:.3f} mse {after['mse']:.5f}")
+    assert after["mse"] < before["mse"]
+    assert after["ppl"] < before["ppl"]
+    # only the linear replacements trained
+    s_state = setup["student"].state_dict()
+    d_state = distilled.state_dict()
+    replaced = setup["report"]["replaced"]
+    changed = {k for k in s_state if not torch.equal(s_state[k], d_state[k])}
+    assert changed and all(any(k.startswith(f"model.layers.{i}.") for i in replaced) for k in changed), changed
+    mse_log = losses(setup["run"], "loss/mse")
+    assert sorted(mse_log) == list(range(1, 31))
+    val = losses(setup["run"], "val/mse")
+    assert sorted(val) == [15, 30] and all(np.isfinite(list(val.values())))
+    info = json.loads((setup["run"] / "hf" / "linreg_pruning.json").read_text())
+    assert info["linear"] == replaced and info["distilled_from"].endswith("teacher")
+
+
+@needs_text
+def test_analyze_checkpoints_of_the_distillation_run(setup, tmp_path):
+    from linreg.analyze import main
+
+    run = setup["run"]
+    text = str(setup["root"] / "train.txt")
+    common = ["--data", text, "--seq-len", str(SEQ), "--max-tokens", "1024", "--no-progress"]
+    assert main(["--checkpoints", str(run), "--out", str(tmp_path / "a"), *common]) == 0
+    doc = json.loads((tmp_path / "a" / "linearity.json").read_text())
+    assert [c["step"] for c in doc["checkpoints"]] == [15, 30]
+    assert doc["architecture_from"] == str(run / "hf")
+    for c in doc["checkpoints"]:
+        for i in setup["report"]["replaced"]:
+            assert c["layers"][i]["linearity"] == pytest.approx(1.0, abs=1e-9)
+    assert (tmp_path / "a" / "linearity_dynamics.png").is_file()
+    # the step-30 checkpoint holds the exported weights
+    final = load_pruned(run / "hf")
+    from linreg.analyze import load_checkpoint_state
+
+    state = load_checkpoint_state(run / "checkpoints" / "step_30")
+    for k, v in final.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    # without the export, the architecture comes from the recipe's student folder
+    (run / "hf").rename(run / "hf_away")
+    try:
+        assert main(["--checkpoints", str(run), "--out", str(tmp_path / "b"), *common]) == 0
+        doc_b = json.loads((tmp_path / "b" / "linearity.json").read_text())
+        assert doc_b["architecture_from"].startswith("task.options.student")
+        assert doc_b["checkpoints"][1]["layers"] == doc["checkpoints"][1]["layers"]
+    finally:
+        (run / "hf_away").rename(run / "hf")
+    assert main(["--checkpoints", str(run), "--from-log", "--out", str(tmp_path / "c")]) == 0
+    log = json.loads((tmp_path / "c" / "linearity.json").read_text())
+    assert [c["step"] for c in log["checkpoints"]] == [0, 15, 30]
