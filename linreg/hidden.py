@@ -39,11 +39,17 @@ _BLOCK_PATHS = (
 
 
 def _unwrap(model: Any) -> torch.nn.Module:
-    """Strip DeepSpeed / DDP / FSDP-style wrappers that keep the real model in ``.module``."""
-    seen = 0
-    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module) and seen < 4:
-        model = model.module
-        seen += 1
+    """Strip DeepSpeed / DDP / FSDP-style wrappers that keep the real model in ``.module``.
+
+    A DeepSpeedEngine also has a ``config`` attribute (the DeepSpeed config), so the test is whether
+    the object has a model config that names its number of layers.
+    """
+    for _ in range(4):
+        inner = getattr(model, "module", None)
+        if isinstance(inner, torch.nn.Module) and inner is not model and _num_layers(model) is None:
+            model = inner
+        else:
+            break
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"expected a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}")
     return model

@@ -57,9 +57,8 @@ __all__ = [
 
 #: Relative cut-off on the eigenvalues of the Jacobi-scaled Gram matrix (see module docstring).
 DEFAULT_RTOL = 1e-12
-# A feature whose centered spread is below this multiple of float64 resolution of its mean is
+# A feature whose centered spread is below 64 ulps of its mean (in the accumulation dtype) is
 # treated as constant (dropped) instead of being blown up to unit scale by the Jacobi scaling.
-_CONST_TOL = 64 * torch.finfo(torch.float64).eps
 # Norms below this are treated as zero in per-token ratios (contribution norm, cosine).
 _TINY = 1e-30
 
@@ -139,7 +138,10 @@ class _Projector:
 
     def __init__(self, cxx: torch.Tensor, n: int, mean_x: torch.Tensor, rtol: float):
         diag = cxx.diagonal()
-        const_level = n * (_CONST_TOL * mean_x.abs()) ** 2
+        eps = torch.finfo(cxx.dtype).eps
+        # eigenvalues below ~d * eps * max are rounding noise of eigh itself, whatever rtol says
+        rtol = max(float(rtol), cxx.shape[0] * eps)
+        const_level = n * (64 * eps * mean_x.abs()) ** 2
         ok = (diag > const_level) & (diag > 0)
         self.idx = torch.nonzero(ok).flatten()
         self.dim = cxx.shape[0]
@@ -205,6 +207,10 @@ class LinearityAccumulator:
     ``update(x, y, mask)`` takes ``[..., d]`` tensors of any dtype/device; ``mask`` (shape ``[...]``,
     bool or 0/1) selects the tokens to count (exclude padding). ``all_reduce`` merges the statistics
     of every torch.distributed rank in place, so all ranks then score the union of their tokens.
+
+    Read-only attributes (after the first update): ``n_tokens``; ``mean_x``, ``mean_y`` [d];
+    ``cxx``, ``cxz`` [d, d] (centered); ``qy``, ``qz`` [d] (centered column sums of squares of Y and
+    of Y - X, so ``qy.sum()`` is ``||Yc||_F^2``); ``sums`` = [sum of ||y-x||/||x||, sum of cos(x, y)].
     """
 
     def __init__(self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64):
@@ -264,7 +270,7 @@ class LinearityAccumulator:
         m = x.shape[0]
         if m == 0:
             return
-        # fresh float64 copies, modified in place below (about three chunk-sized buffers in all)
+        # fresh float64 copies, modified in place below (three chunk-sized buffers in all)
         xc = x.to(device=self.device, dtype=self.dtype, copy=True)
         zc = y.to(device=self.device, dtype=self.dtype, copy=True)
         # per-token ratios on the raw values
@@ -279,18 +285,10 @@ class LinearityAccumulator:
         my = mx + mz
         xc -= mx
         zc -= mz
-        yc = torch.add(xc, zc)
-        qy = torch.linalg.vector_norm(yc, dim=0).square_()
-        del yc
-        qz = torch.linalg.vector_norm(zc, dim=0).square_()
         n = self.n_tokens
         if n == 0:
-            self.mean_x.copy_(mx)
-            self.mean_y.copy_(my)
             torch.mm(xc.T, xc, out=self.cxx)
             torch.mm(xc.T, zc, out=self.cxz)
-            self.qy.copy_(qy)
-            self.qz.copy_(qz)
         else:
             total = n + m
             w = n * m / total
@@ -299,6 +297,16 @@ class LinearityAccumulator:
             dz = dy - dx
             self.cxx.addmm_(xc.T, xc).addr_(dx, dx, alpha=w)
             self.cxz.addmm_(xc.T, zc).addr_(dx, dz, alpha=w)
+        # column sums of squares, squaring the buffers in place (a contiguous reduction over rows
+        # is much faster than a strided column norm)
+        qy = torch.add(xc, zc).square_().sum(dim=0)
+        qz = zc.square_().sum(dim=0)
+        if n == 0:
+            self.mean_x.copy_(mx)
+            self.mean_y.copy_(my)
+            self.qy.copy_(qy)
+            self.qz.copy_(qz)
+        else:
             self.qy.add_(qy).add_(dy * dy, alpha=w)
             self.qz.add_(qz).add_(dz * dz, alpha=w)
             self.mean_x.add_(dx, alpha=m / total)
@@ -463,7 +471,7 @@ class _PairMoments:
             tc -= self.mean_t
             self.cxx.addmm_(xc.T, xc)
             self.cxt.addmm_(xc.T, tc)
-            self.qt += torch.linalg.vector_norm(tc, dim=0).square_()
+            self.qt += tc.square_().sum(dim=0)
         self.n = n
 
 
