@@ -186,8 +186,7 @@ def run_case(n: int, d: int, args, label: str = "", duplicate: int = 0) -> list[
             row["all_metrics"] = value.to_dict()
         rows.append(row)
         print(f"  {name}: {seconds:.2f} s, +{peak:.0f} MB, score {score:.12f}", file=sys.stderr, flush=True)
-    del x, y
-    gc.collect()
+    routes.clear()  # x, y die with this frame
     return rows
 
 
