@@ -67,6 +67,8 @@ class BlockStats:
     ang_sum: dict[int, float] = field(default_factory=dict)
 
     def cosine(self, i: int) -> float:
+        if i in self.accs:
+            return float(self.accs[i].result().cosine)
         return self.cos_sum[i] / self.n_tokens if self.n_tokens else float("nan")
 
     def angular(self, i: int) -> float:
@@ -167,13 +169,18 @@ def block_statistics(model: torch.nn.Module, batches: Iterable[dict[str, Any]], 
                 acc = stats.accs[i] = LinearityAccumulator(x.shape[-1], device=x.device, dtype=accumulate_dtype)
             acc.update(x, y, mask=mask)
         xs, ys = (x[mask], y[mask]) if mask is not None else (x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
-        xs = xs.double()
-        ys = ys.double()
-        cos = (xs * ys).sum(-1) / (xs.norm(dim=-1) * ys.norm(dim=-1)).clamp_min(_TINY)
-        cos = cos.clamp(-1.0, 1.0)
+        # angle = 2 atan2(|x^ - y^|, |x^ + y^|) for unit vectors x^, y^: accurate near 0 even in float32, where
+        # arccos(cos) is not (cos = 1 - 1e-7 is already an angle of 5e-4); at least float32 arithmetic
+        wd = torch.promote_types(xs.dtype, torch.float32)
+        xu = xs.to(wd)
+        yu = ys.to(wd)
+        xu = xu / xu.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        yu = yu / yu.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        ang = 2.0 * torch.atan2((xu - yu).norm(dim=-1), (xu + yu).norm(dim=-1))
         s = sums[i]
-        s[0] += cos.sum()
-        s[1] += torch.arccos(cos).sum() / math.pi
+        s[1] += ang.sum(dtype=torch.float64) / math.pi
+        if not full:  # with the accumulator, the mean cosine comes from its float64 statistics
+            s[0] += (xu.double() * yu.double()).sum(-1).clamp(-1.0, 1.0).sum()
 
     iterator: Iterable = batches
     if progress:
