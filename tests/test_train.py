@@ -140,6 +140,43 @@ def test_resume_two_rank_checkpoint_on_one_rank(tmp_path, cache, straight, two_r
     _assert_same_run(straight[0], out)
 
 
+def test_sigterm_saves_and_resumes_exactly(tmp_path, cache, straight):
+    """Preemption: SIGTERM finishes the current step, saves a checkpoint there and exits 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.train_helpers import PRETRAIN, REPO, env_for
+
+    out = tmp_path / "preempted"
+    args = [sys.executable, str(PRETRAIN), "--recipe", str(REPO / "recipes/tiny.yaml"), "--output-dir", str(out)]
+    for s in BASE:
+        args += ["--set", s]
+    proc = subprocess.Popen(args, cwd=REPO, env=env_for(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and max(losses(out), default=0) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by signal SIGTERM" in stdout
+    saved = [s for s in ckpt_steps(out)]
+    stopped_at = max(saved)
+    assert stopped_at not in (8, 16, 24) and stopped_at >= 10
+    proc2 = run_pretrain(out, BASE, cache)
+    assert f"resumed from step {stopped_at}" in proc2.stdout
+    _assert_same_run(straight[0], out, rtol=1e-6)
+
+
+def ckpt_steps(run_dir):
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")
+                  if (p / "COMPLETE").is_file())
+
+
 def test_nan_loss_stops_without_saving(tmp_path, cache):
     out = tmp_path / "nan"
     proc = run_pretrain(out, BASE, cache, env={"LINREG_FAULT_NAN_AT_STEP": "11"}, check=False)

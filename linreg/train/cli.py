@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None, prog: str = "pretrain", default_kind: st
             return 0
         from linreg.train import run
 
-        run(recipe, resume=args.resume)
-        return 0
+        result = run(recipe, resume=args.resume)
+        return 143 if result.interrupted else 0
     except LinregError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

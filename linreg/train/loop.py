@@ -31,6 +31,9 @@ FAULT_KILL_AFTER_STEP = "LINREG_FAULT_KILL_AFTER_STEP"  # tests: SIGKILL this pr
 FAULT_KILL_DURING_SAVE = "LINREG_FAULT_KILL_DURING_SAVE"  # tests: SIGKILL in the save of step N, before the marker
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class NonFiniteLossError(LinregError):
     """The loss became NaN or infinite; the run stops before those weights can be saved."""
 
@@ -39,6 +42,7 @@ class NonFiniteLossError(LinregError):
 class RunResult:
     run_dir: Path
     final_step: int
+    interrupted: bool = False
     losses: dict[int, float] = field(default_factory=dict)
     linearity: list[dict] | None = None
     hf_dir: Path | None = None
@@ -243,7 +247,41 @@ class Trainer:
         self.log(f"resumed from step {step} ({path})")
 
     # -- the loop ------------------------------------------------------------------------------------
+    def _install_stop_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (SLURM preemption, time limit, scancel) finish the current step, save a
+        checkpoint and exit, so a requeued job loses nothing."""
+        self._stop_signal = 0
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        self._old_handlers = {}
+        for sig in STOP_SIGNALS:
+            try:
+                self._old_handlers[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _restore_handlers(self) -> None:
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, old)
+
+    def _stop_requested(self) -> int:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self._stop_signal)], device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
     def train(self) -> RunResult:
+        self._install_stop_handlers()
+        try:
+            return self._train()
+        finally:
+            self._restore_handlers()
+
+    def _train(self) -> RunResult:
         r = self.recipe
         result = RunResult(run_dir=self.run_dir, final_step=self.start_step,
                            resumed_from=self.start_step if self.resume is not None else None)
@@ -291,8 +329,17 @@ class Trainer:
                     self.logger.scalars(done, ev)
             if r.track.enabled and (done % r.track.every == 0 or done == r.train.steps):
                 result.linearity = self.track(done)
-            if done % r.checkpoint.save_every == 0 or done == r.train.steps:
+            stop = self._stop_requested() if done < r.train.steps else 0
+            if done % r.checkpoint.save_every == 0 or done == r.train.steps or stop:
                 self.save(done)
+            if stop:
+                result.final_step, result.interrupted = done, True
+                self.logger.close()
+                self.log(f"stopped by signal {signal.Signals(stop).name} after step {done}; checkpoint saved, "
+                         f"continue with --resume auto")
+                if pbar is not None:
+                    pbar.close()
+                return result
             if done == kill_after:
                 self.logger.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -408,7 +455,7 @@ class Trainer:
                       linearity_table(result.linearity)]
         lines.append(f"TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
         if result.hf_dir:
-            lines.append(f"Hugging Face export: {result.hf_dir} (MistralForCausalLM.from_pretrained)")
+            lines.append(f"Hugging Face export: {result.hf_dir} ({self.objective.export_hint()})")
         self.log("\n".join(lines))
 
 

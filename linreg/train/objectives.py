@@ -88,6 +88,9 @@ class Objective:
     def tracking_batches(self) -> list[dict[str, torch.Tensor]]:
         return []
     def export(self, model, out_dir: Path) -> None: ...
+    def export_hint(self) -> str:
+        """How users load what :meth:`export` wrote (printed at the end of a run)."""
+        return "AutoModel.from_pretrained"
     def tokens_per_example(self) -> int:
         return 0
 
@@ -226,6 +229,10 @@ class LMObjective(Objective):
             # fully masked row is never used for anything
             out.append({"input_ids": ids, "attention_mask": mask})
         return out
+
+    def export_hint(self) -> str:
+        return "MistralForCausalLM.from_pretrained" if not self.recipe.model.init_from else \
+            "AutoModelForCausalLM.from_pretrained"
 
     def export(self, model, out_dir: Path) -> None:
         model.config.use_cache = True
