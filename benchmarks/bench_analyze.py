@@ -8,9 +8,10 @@ Speed (one process, variants alternated over the same batches so they share mach
   analyze-fp32acc  the same with float32 statistics (--accumulate-dtype float32)
 Reported: tokens/s of each and the time ratio analyze / forward (target <= 1.3).
 
-Memory (a fresh subprocess per point, peak RSS on CPU or max_memory_allocated on CUDA, minus the same process's
-level after loading the model): analyze's streaming statistics at growing token counts, next to the naive route
-that keeps every block's hidden states (output_hidden_states concatenated over batches) for one least-squares fit.
+Memory (a fresh subprocess per point; CPU: peak RSS (VmHWM, reset after building the model) minus the RSS at that
+moment; CUDA: max_memory_allocated minus memory_allocated; so it includes one batch's activations): analyze's streaming statistics at
+growing token counts, next to the naive route that keeps every block's hidden states (output_hidden_states
+concatenated over batches) for one least-squares fit.
 
     python benchmarks/bench_analyze.py [--quick] [--device cpu|cuda] [--threads 1]
 
@@ -107,19 +108,49 @@ def speed(size: dict, device: str) -> dict:
 # ------------------------------------------------------------------------------------------------ memory
 
 
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the process's peak RSS (VmHWM) so build-time transients do not hide what comes after (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_bytes(device: str) -> int:
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _current_bytes(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.memory_allocated())
+    rss = _status_kib("VmRSS")
+    return rss * 1024 if rss is not None else _peak_bytes(device)
 
 
 def memory_point(size_name: str, mode: str, tokens: int, device: str) -> dict:
     """Runs inside a fresh process: peak memory above the post-load level for ``tokens`` tokens."""
+    from linreg.metrics import linearity_score  # noqa: F401  (imports before the baseline)
+    from linreg.pruning.select import block_statistics
+
     size = SIZES[size_name]
     model = build(size, device)
     n = max(1, tokens // (size["batch"] * size["seq"]))
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     # the batches themselves are made lazily, so their memory never piles up
     g = torch.Generator().manual_seed(1)
 
@@ -127,14 +158,14 @@ def memory_point(size_name: str, mode: str, tokens: int, device: str) -> dict:
         for _ in range(n):
             yield {"input_ids": torch.randint(0, size["vocab_size"], (size["batch"], size["seq"]), generator=g).to(device)}
 
-    with torch.no_grad():  # one warm-up batch so that allocator and kernel workspaces are in the base level
-        model(**next(iter(gen())), use_cache=False, logits_to_keep=1)
-    base = _peak_bytes(device)
+    import gc
+
+    gc.collect()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base = int(torch.cuda.memory_allocated())
-    from linreg.pruning.select import block_statistics
-
+    else:
+        _reset_peak()
+    base = _current_bytes(device)
     with torch.no_grad():
         if mode == "analyze":
             stats = block_statistics(model, gen(), full=True)
@@ -150,7 +181,8 @@ def memory_point(size_name: str, mode: str, tokens: int, device: str) -> dict:
             del kept
             [linearity_score(states[i], states[i + 1]) for i in range(len(states) - 1)]
     peak = _peak_bytes(device)
-    return {"mode": mode, "tokens": n * size["batch"] * size["seq"], "peak_above_base_mb": (peak - base) / 2**20}
+    return {"mode": mode, "tokens": n * size["batch"] * size["seq"], "peak_above_base_mb": (peak - base) / 2**20,
+            "peak_mb": peak / 2**20, "base_mb": base / 2**20}
 
 
 def memory(size_name: str, device: str, threads: int) -> list[dict]:
@@ -189,7 +221,7 @@ def main() -> int:
     print("| variant | tokens/s | time / forward |\n|---|---:|---:|")
     for name in sp["seconds"]:
         print(f"| {name} | {sp['tokens_per_s'][name]:,.0f} | {sp['ratio_to_forward'][name]:.2f}x |")
-    print(f"\n### peak memory above the loaded model (MiB)\n")
+    print("\n### peak memory above the freshly built model (MiB; one batch's activations included)\n")
     toks = sorted({m["tokens"] for m in mem})
     print("| tokens | analyze (streaming) | naive (keep all states) |\n|---:|---:|---:|")
     for t in toks:

@@ -505,8 +505,12 @@ def plot_profiles(entries: list[dict], path: Path, title: str | None = None) -> 
 def plot_errors(per_model: list[tuple[str, dict[int, np.ndarray]]], path: Path) -> Path:
     plt = _plt()
     n = len(per_model)
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.8), squeeze=False)
-    for ax, (label, errors) in zip(axes[0], per_model):
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (label, errors) in zip(axes.flat, per_model):
         allpos = np.concatenate([e[e > 0] for e in errors.values()]) if errors else np.zeros(0)
         if allpos.size:
             edges = np.logspace(np.log10(allpos.min()), np.log10(allpos.max()) + 1e-9, 50)
@@ -685,8 +689,9 @@ def _slug(text: str) -> str:
 
 
 def _print_table(entry: dict) -> None:
+    speed = f", {entry['tokens_per_s']:.0f} tokens/s" if entry.get("tokens_per_s") else ""
     print(f"\n{entry['label']} ({entry['architecture']}, {entry['num_blocks']} blocks, d={entry['hidden_size']}): "
-          f"{entry['n_tokens']} tokens, chance level {entry['baseline']:.4f}, {entry['tokens_per_s']:.0f} tokens/s")
+          f"{entry['n_tokens']} tokens, chance level {entry['baseline']:.4f}{speed}")
     print(f"{'block':>5}  {'linearity':>9}  {'w/o resid':>9}  {'contrib':>8}  {'cosine':>7}")
     for layer in entry["layers"]:
         vals = [layer[m] if layer[m] is not None else float("nan") for m in METRICS]

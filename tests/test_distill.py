@@ -145,3 +145,59 @@ def test_analyze_checkpoints_of_the_distillation_run(setup, tmp_path):
     assert main(["--checkpoints", str(run), "--from-log", "--out", str(tmp_path / "c")]) == 0
     log = json.loads((tmp_path / "c" / "linearity.json").read_text())
     assert [c["step"] for c in log["checkpoints"]] == [0, 15, 30]
+
+
+def test_objective_prunes_in_place_and_its_loss_matches_a_float64_reference(tmp_path):
+    """DistillObjective without the loop: real data preparation, the student cut from the teacher on calibration
+    blocks, gradients only on the linear maps, and the loss against a float64 formula written here."""
+    from linreg.config import load_recipe
+    from linreg.errors import ConfigError
+    from linreg.hidden import find_blocks
+    from linreg.pruning.distill import DistillObjective
+    from linreg.pruning.linear_block import LinearBlock
+    from linreg.train.objectives import RunContext
+    from tests.tiny_models import story_text
+
+    tok = train_tokenizer([story_text(200)])
+    save_model(tiny_model("llama", d=32, layers=4, vocab=320, seed=3), tok, tmp_path / "teacher")
+    sets = [f"task.options.teacher={tmp_path / 'teacher'}", "task.options.remove=2", "task.options.select=cosine",
+            "task.options.calibration_blocks=8", "task.options.lm_weight=0.5", "data.embedded_docs=300",
+            "data.val_docs=20", f"data.cache_dir={tmp_path / 'cache'}", "train.seq_len=32", "train.micro_batch_size=4"]
+    recipe = load_recipe(REPO / "recipes" / "distill-tiny.yaml", sets)
+    ctx = RunContext(recipe=recipe, run_dir=tmp_path / "run", rank=0, world_size=1, device=torch.device("cpu"),
+                     barrier=lambda: None, log=lambda msg: None)
+    obj = DistillObjective(ctx)
+    obj.prepare()
+    assert recipe.tokenizer.path == str(tmp_path / "teacher")  # the teacher's vocabulary
+    student = obj.build_model()
+    obj.teacher.to(torch.device("cpu"))
+    linear = [j for j, b in enumerate(find_blocks(student)) if isinstance(b, LinearBlock)]
+    assert len(linear) == 2 and obj.prune_report["score"] == "block_influence"
+    assert {n for n, p in student.named_parameters() if p.requires_grad} == {
+        f"model.layers.{j}.{w}" for j in linear for w in ("weight", "bias")}
+    batch = obj.collate(np.arange(4))
+    total, parts = obj.loss(student, batch, None)
+    total.backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in student.parameters() if not p.requires_grad)
+    # float64 reference of the loss
+    ids = batch["input_ids"]
+    with torch.no_grad(), BlockCapture(obj.teacher) as tc, BlockCapture(student) as sc:
+        obj.teacher(input_ids=ids)
+        logits = student(input_ids=ids).logits.double()
+        t_states, s_states = list(tc.states), list(sc.states)
+    kept = provenance(student)["kept_layers"]
+    rel = [((s_states[j + 1].double() - t_states[kept[j] + 1].double()) ** 2).sum()
+           / (t_states[kept[j] + 1].double() ** 2).sum() for j in range(len(kept))]
+    mse = torch.stack(rel).mean()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    lm = -logp.gather(-1, ids[:, 1:, None]).mean()
+    assert float(parts["loss/mse"].detach()) == pytest.approx(float(mse), rel=1e-5)
+    assert float(parts["loss/lm"].detach()) == pytest.approx(float(lm), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(float(mse + 0.5 * lm), rel=1e-5)
+    ev = obj.evaluate(student)
+    assert set(ev) == {"val/loss", "val/perplexity", "val/mse"} and ev["val/mse"] > 0
+    bad = load_recipe(REPO / "recipes" / "distill-tiny.yaml", sets + ["task.options.mse_wieght=1"])
+    with pytest.raises(ConfigError, match="mse_wieght"):
+        DistillObjective(RunContext(recipe=bad, run_dir=tmp_path, rank=0, world_size=1, device=torch.device("cpu"),
+                                    barrier=lambda: None, log=print))

@@ -4,6 +4,6 @@
 """
 
 from linreg.pruning.linear_block import LinearBlock
-from linreg.pruning.surgery import load_pruned, remove_blocks, replace_blocks, save_pruned
+from linreg.pruning.surgery import load_pruned, load_tokenizer, remove_blocks, replace_blocks, save_pruned
 
-__all__ = ["LinearBlock", "load_pruned", "remove_blocks", "replace_blocks", "save_pruned"]
+__all__ = ["LinearBlock", "load_pruned", "load_tokenizer", "remove_blocks", "replace_blocks", "save_pruned"]

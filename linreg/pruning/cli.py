@@ -186,6 +186,10 @@ def _main(args: argparse.Namespace) -> int:
     for name in ("max_tokens", "eval_tokens", "seq_len", "batch_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.select == "given" and not args.layers:
+        raise ConfigError("--select given needs --layers i,j,...")
+    if args.layers and args.select != "given":
+        raise ConfigError("--layers only goes with --select given")
     given = _ints(args.layers, "--layers") if args.layers else None
     ks = _sweep_ks(args.sweep) if args.sweep else None
     if args.distill_recipe and not Path(args.distill_recipe).is_file():
@@ -323,6 +327,11 @@ def plot_sweep(res: dict, path: Path) -> Path:
     if "0" in res.get("removal", {}):
         ax.axhline(res["removal"]["0"], color="gray", ls=":", lw=1, label="original")
     ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("blocks cut")
     ax.set_ylabel("perplexity (held-out)")
     ax.set_title(f"{Path(str(res.get('model', ''))).name}: blocks chosen by {res.get('score')}"

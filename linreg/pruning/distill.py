@@ -168,6 +168,7 @@ class DistillObjective(LMObjective):
         self.kept = list(provenance(student)["kept_layers"])
         blocks = find_blocks(student)
         linear_pos = [j for j, b in enumerate(blocks) if isinstance(b, LinearBlock)]
+        self.has_linear = bool(linear_pos)
         if o["match"] == "replaced":
             matched = linear_pos
             if not matched:
@@ -285,6 +286,12 @@ class DistillObjective(LMObjective):
         return {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0)), "val/mse": (tot[1] / tot[2]).item()}
 
     # ----------------------------------------------------------------------------------------- export
+    def export_hint(self) -> str:
+        if getattr(self, "has_linear", True):
+            return ("linreg.pruning.load_pruned, or AutoModelForCausalLM.from_pretrained(..., "
+                    "trust_remote_code=True)")
+        return "AutoModelForCausalLM.from_pretrained"
+
     def export(self, model, out_dir: Path) -> None:
         from linreg.pruning.surgery import save_pruned
 
