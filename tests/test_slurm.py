@@ -30,12 +30,14 @@ FAST = ("train.steps=6", "checkpoint.save_every=3", "train.log_every=1", "train.
         "track.enabled=false")
 
 
-def _submit(cluster, out: Path, *sets: str, nodes: int = 1, ranks: int = 2) -> str:
+def _submit(cluster, out: Path, *sets: str, nodes: int = 1, ranks: int = 2, env: tuple[str, ...] = ()) -> str:
     argv = [sys.executable, "-m", "linreg.cli", "submit", "--recipe", str(RECIPE), "--cpu",
             "--nodes", str(nodes), "--gpus-per-node", str(ranks), "--cpus-per-task", str(ranks),
             "--time", "00:10:00", "--output-dir", str(out), "--env", "OMP_NUM_THREADS=1"]
     for s in sets:
         argv += ["--set", s]
+    for e in env:
+        argv += ["--env", e]
     p = cluster.run(argv, check=False, cwd=REPO)
     assert p.returncode == 0, f"linreg submit failed:\n{p.stdout}\n{p.stderr}"
     job_id = p.stdout.strip()
@@ -99,6 +101,11 @@ def _wait_for(cond, timeout: float, what: str, cluster, job_id: str, out: Path) 
         time.sleep(0.5)
 
 
+def _newest_complete(out: Path) -> int:
+    steps = [int(p.parent.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*/COMPLETE")]
+    return max(steps, default=0)
+
+
 def _complete(out: Path, step: int) -> bool:
     return (out / "checkpoints" / f"step_{step}" / "COMPLETE").is_file()
 
@@ -109,7 +116,7 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
     out = tmp_path / "run"
     steps, save_every = 48, 4
     job_id = _submit(slurm_cluster, out, *FAST, f"train.steps={steps}", f"checkpoint.save_every={save_every}",
-                     "checkpoint.export_hf=false")
+                     "checkpoint.export_hf=false", env=("LINREG_TEST_STEP_DELAY=0.25",))
     log = lambda: _log(out, job_id)  # noqa: E731
 
     # 1) first complete checkpoint, then requeue the running job as an admin or preemption would
@@ -120,7 +127,7 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
     _wait_for(lambda: re.search(r"resumed from step (\d+)", log()), 180, "resume after requeue",
               slurm_cluster, job_id, out)
     first_resume = int(re.search(r"resumed from step (\d+)", log()).group(1))
-    _wait_for(lambda: _complete(out, first_resume + save_every), 120, "checkpoint after resume",
+    _wait_for(lambda: _newest_complete(out) > first_resume, 120, "checkpoint after resume",
               slurm_cluster, job_id, out)
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job_id])
 
@@ -142,7 +149,8 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
     resumed = [int(n) for n in re.findall(r"resumed from step (\d+)", text)]
     assert len(resumed) == 2, text
     assert save_every <= resumed[0] < resumed[1] < steps, text
-    assert all(r % save_every == 0 for r in resumed), text
+    # a preempted step saves where it stopped (SIGTERM handler), so resumes need not be on save_every
+    assert text.count("stopped by signal SIGTERM") >= 1, text
     assert _complete(out, steps)
     assert max(max(v) for v in _scalars(out / "tensorboard").values()) == steps
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

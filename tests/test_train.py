@@ -197,3 +197,30 @@ def test_bad_inputs_fail_before_compute(tmp_path, cache):
     assert proc.returncode == 2 and "/nonexistent/corpus.txt" in proc.stderr
     proc = run_pretrain(tmp_path / "c", BASE + ["regularizer.name=cosinus"], cache, check=False)
     assert proc.returncode == 2 and "cosinus" in proc.stderr and "mse" in proc.stderr
+
+
+def test_analyze_checkpoints_reproduces_training_tracking(straight, tmp_path, cache):
+    """`linreg analyze --checkpoints` on a pretraining run, on the same held-out tokens that the run tracked,
+    gives the values the run logged at those steps."""
+    import subprocess
+    import sys
+
+    from tests.train_helpers import REPO, env_for
+
+    out, _ = straight
+    dest = tmp_path / "analysis"
+    proc = subprocess.run([sys.executable, "-m", "linreg.cli", "analyze", "--checkpoints", str(out),
+                           "--max-tokens", str(8 * 64), "--no-progress", "--out", str(dest)],
+                          cwd=REPO, env=env_for(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    analysis = json.loads((dest / "linearity.json").read_text())
+    logged = {rec["step"]: rec["layers"] for rec in
+              (json.loads(x) for x in (out / "linearity.jsonl").read_text().splitlines())}
+    steps = [c["step"] for c in analysis["checkpoints"]]
+    assert steps == [8, 16, 24]
+    for c in analysis["checkpoints"]:
+        assert c["n_tokens"] == 8 * 64
+        for got, want in zip(c["layers"], logged[c["step"]]):
+            for metric in ("linearity", "linearity_wo_residual", "contribution_norm", "cosine"):
+                assert got[metric] == pytest.approx(want[metric], rel=1e-5, abs=1e-7), (c["step"], metric)
+    assert (dest / "linearity_dynamics.png").is_file()

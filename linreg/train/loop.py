@@ -29,6 +29,7 @@ from linreg.tracking import RunLogger, linearity_table
 FAULT_NAN_AT_STEP = "LINREG_FAULT_NAN_AT_STEP"  # tests: make the loss of this step NaN
 FAULT_KILL_AFTER_STEP = "LINREG_FAULT_KILL_AFTER_STEP"  # tests: SIGKILL this process after step N (and its save)
 FAULT_KILL_DURING_SAVE = "LINREG_FAULT_KILL_DURING_SAVE"  # tests: SIGKILL in the save of step N, before the marker
+TEST_STEP_DELAY = "LINREG_TEST_STEP_DELAY"  # tests: sleep this many seconds after every step (timing-free preemption)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -289,6 +290,7 @@ class Trainer:
             result.linearity = self.track(0)
         nan_at = int(os.environ.get(FAULT_NAN_AT_STEP, -1))
         kill_after = int(os.environ.get(FAULT_KILL_AFTER_STEP, -1))
+        step_delay = float(os.environ.get(TEST_STEP_DELAY, 0))
         window = {"time": 0.0, "steps": 0, "parts": {}}
         pbar = None
         if self.rank == 0:
@@ -311,6 +313,8 @@ class Trainer:
                     parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float()
             done = step + 1
             dt = time.perf_counter() - t0
+            if step_delay:
+                time.sleep(step_delay)
             window["time"] += dt
             window["steps"] += 1
             for k, v in parts_sum.items():
