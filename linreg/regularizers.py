@@ -63,6 +63,7 @@ __all__ = [
     "Regularizer",
     "RegularizerProtocol",
     "CosineRegularizer",
+    "consecutive_cosine",
     "MSERegularizer",
     "WeightRegularizer",
     "REGISTRY",
@@ -148,16 +149,75 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+class _ConsecutiveCosine(torch.autograd.Function):
+    """``cos[p] = <h_i, h_{i+1}> / max(|h_i| |h_{i+1}|, eps)`` for the pairs ``i = pair_idx[p]``.
+
+    One pass per state for its squared norm (shared by the two pairs a state belongs to), one dot
+    product per pair, and a closed-form backward,
+    ``d cos / d h_i = h_{i+1} / den - cos h_i / |h_i|^2`` (the second term vanishes where the eps
+    clamp is active), instead of autograd through a normalisation per pair. Computed in float32 at
+    least; nothing is saved beyond per-token scalars (the states are already held by the model's graph).
+    """
+
+    @staticmethod
+    def forward(ctx, pair_idx, eps, *states):
+        hs = [None if h is None else _upcast(h) for h in states]
+        need = sorted({j for i in pair_idx for j in (i, i + 1)})
+        nsq = {j: torch.linalg.vecdot(hs[j], hs[j]) for j in need}
+        cos, den = [], []
+        for i in pair_idx:
+            d = torch.sqrt(nsq[i] * nsq[i + 1]).clamp_min_(eps)
+            cos.append(torch.linalg.vecdot(hs[i], hs[i + 1]) / d)
+            den.append(d)
+        cos = torch.stack(cos)
+        ctx.pair_idx, ctx.eps, ctx.need, ctx.n_states = pair_idx, eps, need, len(states)
+        ctx.save_for_backward(cos, torch.stack(den), *[states[j] for j in need], *[nsq[j] for j in need])
+        return cos
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_cos):
+        cos, den, *rest = ctx.saved_tensors
+        k = len(ctx.need)
+        raw = dict(zip(ctx.need, rest[:k]))
+        hs = {j: _upcast(h) for j, h in raw.items()}
+        nsq = dict(zip(ctx.need, rest[k:]))
+        grads: list[torch.Tensor | None] = [None] * ctx.n_states
+        for p, i in enumerate(ctx.pair_idx):
+            g = grad_cos[p]
+            live = den[p] > ctx.eps  # where the clamp is active the denominator is a constant
+            s1 = (g / den[p]).unsqueeze(-1)
+            gc = g * cos[p]
+            for a, b in ((i, i + 1), (i + 1, i)):
+                s2 = torch.where(live, gc / nsq[a].clamp_min(torch.finfo(nsq[a].dtype).tiny), 0.0).unsqueeze(-1)
+                ga = hs[b] * s1 - hs[a] * s2
+                grads[a] = ga if grads[a] is None else grads[a].add_(ga)
+        out = [None if g is None else g.to(raw[j].dtype) for j, g in enumerate(grads)]
+        return (None, None, *out)
+
+
+def consecutive_cosine(hidden_states: Sequence[torch.Tensor | None], pair_idx: Sequence[int], eps: float = 1e-8) -> torch.Tensor:
+    """Per-token cosine of the selected consecutive pairs: ``[len(pair_idx), *states[0].shape[:-1]]``."""
+    for i in pair_idx:
+        if hidden_states[i] is None or hidden_states[i + 1] is None:
+            raise ConfigError(f"regularizer: hidden states of pair {i} were not captured (BlockCapture layers?)")
+    return _ConsecutiveCosine.apply(list(pair_idx), float(eps), *hidden_states)
+
+
 class CosineRegularizer(Regularizer):
-    """``weight * mean_{pairs, tokens} (1 - cos(h_l, h_{l+1}))``."""
+    """``weight * mean_{pairs, tokens} (1 - cos(h_l, h_{l+1}))``, ``cos = <a, b> / max(|a| |b|, eps)``."""
 
     def __init__(self, weight: float, layers: Sequence[int] | None = None, eps: float = 1e-8, **kwargs: Any):
         super().__init__(weight, layers, **kwargs)
         self.eps = float(eps)
 
     def __call__(self, hidden_states, attention_mask=None, model=None):
-        terms = [self.masked_mean(1.0 - torch.nn.functional.cosine_similarity(h0, h1, dim=-1, eps=self.eps), attention_mask) for h0, h1 in self.pairs(hidden_states)]
-        return self.weight * torch.stack(terms).mean()
+        n_pairs = len(hidden_states) - 1
+        if n_pairs < 1:
+            raise ConfigError(f"regularizer needs at least 2 hidden states (got {len(hidden_states)})")
+        cos = consecutive_cosine(hidden_states, self.pair_indices(n_pairs), self.eps)  # [P, B, T]
+        # every pair has the same tokens, so the mean over pairs of the masked means is one masked mean
+        return self.weight * self.masked_mean(1.0 - cos.mean(dim=0), attention_mask)
 
 
 class MSERegularizer(Regularizer):

@@ -104,6 +104,45 @@ def test_bf16_states_are_upcast():
     assert abs(float(got) - float(want)) < 1e-5 * float(want)
 
 
+def test_cosine_closed_form_backward_gradcheck():
+    """The hand-written backward of the consecutive-pair cosine against finite differences (float64)."""
+    from linreg.regularizers import consecutive_cosine
+
+    states = [s.detach()[:2, :3].clone().requires_grad_(True) for s in _states(seed=4)]
+    assert torch.autograd.gradcheck(lambda *h: consecutive_cosine(list(h), [0, 1, 2]), states)
+    # a state shared by two pairs, and a selection that skips one
+    assert torch.autograd.gradcheck(lambda *h: consecutive_cosine(list(h), [0, 2]), states)
+
+
+def test_cosine_zero_vector_token_uses_eps():
+    """A zero hidden state (the eps clamp is active) gives the clamped value and a finite gradient."""
+    states = _states(seed=5)
+    with torch.no_grad():
+        states[1][0, 0].zero_()
+    got = build_regularizer("cosine", weight=1.0, eps=1e-8, layers=[0])(states)
+    a, b = states[0], states[1]
+    den = torch.clamp_min(a.norm(dim=-1) * b.norm(dim=-1), 1e-8)
+    want = (1 - (a * b).sum(-1) / den).mean()
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got, [a, b])
+    g_want = torch.autograd.grad(want, [a, b])
+    for x, y in zip(g_got, g_want):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y)
+
+
+def test_cosine_bf16_states_gradients_keep_dtype():
+    leaves = [s.detach().to(torch.bfloat16).requires_grad_(True) for s in _states(seed=6)]
+    got = build_regularizer("cosine", weight=1.0)(leaves)
+    assert got.dtype == torch.float32
+    ref_leaves = [s.detach().double().requires_grad_(True) for s in leaves]
+    want = _ref_cosine(ref_leaves, None, [0, 1, 2])
+    assert abs(got.item() - want.item()) < 1e-5
+    for g, r in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, ref_leaves)):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), r, rtol=2e-2, atol=1e-4)
+
+
 def _tiny_mistral():
     from transformers import MistralConfig, MistralForCausalLM
 
