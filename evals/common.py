@@ -63,6 +63,23 @@ def model_label(name_or_path: str | os.PathLike) -> str:
     return path.name or str(name_or_path)
 
 
+def model_labels(models: Sequence[str], labels: Sequence[str] | None) -> list[str]:
+    """Check the ``--model``/``--label`` pairs of an evaluation CLI before anything is loaded.
+
+    Returns one unique label per model (``model_label`` where none is given); every model must
+    resolve (``resolve_model_path``), so a typo fails before any data or weights are read.
+    """
+    labels = list(labels or [])
+    if labels and len(labels) != len(models):
+        raise ConfigError(f"{len(labels)} --label for {len(models)} --model; give one label per model or none")
+    labels = labels or [model_label(m) for m in models]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"model labels must be unique, got {labels}; set them with --label")
+    for m in models:
+        resolve_model_path(m)
+    return labels
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 

@@ -41,10 +41,9 @@ from evals.common import (
     load_model_and_tokenizer,
     markdown_table,
     mean_sem,
-    model_label,
+    model_labels,
     now_iso,
     read_jsonl,
-    resolve_model_path,
     run_cli,
     setup_logging,
     write_json,
@@ -761,14 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if not args.model and not args.completions:
             raise ConfigError("nothing to grade: give --model (to generate) and/or --completions FILE")
-        labels = args.label or []
-        if labels and len(labels) != len(args.model):
-            raise ConfigError(f"{len(labels)} --label for {len(args.model)} --model; give one per model or none")
-        labels = labels or [model_label(m) for m in args.model]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"model labels must be unique, got {labels}; set them with --label")
-        for m in args.model:
-            resolve_model_path(m)
+        labels = model_labels(args.model, args.label)
         out_dir = Path(args.output_dir)
         prompt = load_judge_prompt(args.prompt_template)
         records: list[dict] = []

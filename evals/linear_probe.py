@@ -40,10 +40,9 @@ from evals.common import (
     fmt,
     load_model_and_tokenizer,
     markdown_table,
-    model_label,
+    model_labels,
     now_iso,
     read_jsonl,
-    resolve_model_path,
     run_cli,
     setup_logging,
     write_json,
@@ -506,14 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_probe(args: argparse.Namespace) -> dict:
     models = args.model
-    labels = args.label or []
-    if labels and len(labels) != len(models):
-        raise ConfigError(f"{len(labels)} --label for {len(models)} --model; give one label per model or none")
-    labels = labels or [model_label(m) for m in models]
-    for m in models:  # fail fast, before any data or model is loaded
-        resolve_model_path(m)
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"model labels must be unique, got {labels}; set them with --label")
+    labels = model_labels(models, args.label)  # fail fast, before any data or model is loaded
     for name, v in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")

@@ -40,9 +40,8 @@ from evals.common import (
     fmt,
     load_model_and_tokenizer,
     markdown_table,
-    model_label,
+    model_labels,
     now_iso,
-    resolve_model_path,
     run_cli,
     setup_logging,
     write_json,
@@ -382,14 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        labels = args.label or []
-        if labels and len(labels) != len(args.model):
-            raise ConfigError(f"{len(labels)} --label for {len(args.model)} --model; give one per model or none")
-        labels = labels or [model_label(m) for m in args.model]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"model labels must be unique, got {labels}; set them with --label")
-        for m in args.model:
-            resolve_model_path(m)
+        labels = model_labels(args.model, args.label)
         tasks = [t.strip().replace("-", "_") for t in args.tasks.split(",") if t.strip()]
         tasks = ["rte" if t == "sglue_rte" else t for t in tasks]
         bs: int | str = args.batch_size if args.batch_size.startswith("auto") else int(args.batch_size)

@@ -410,14 +410,10 @@ def analyze_checkpoints(run_dir: Path, args: argparse.Namespace) -> dict[str, An
         log = run_dir / "linearity.jsonl"
         if not log.is_file():
             raise CheckpointError(f"{log}: not found (tracking was off, or the run wrote nothing yet)")
+        from linreg.tracking import read_jsonl_records
+
         recs: dict[int, dict] = {}
-        for line in log.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
+        for _, rec in read_jsonl_records(log):
             layers = [{"layer": i, **{k: layer.get(k) for k in METRICS}, "baseline": layer.get("baseline")}
                       for i, layer in enumerate(rec.get("layers", []))]
             recs[int(rec["step"])] = {"step": int(rec["step"]), "n_tokens": rec.get("n_tokens"),

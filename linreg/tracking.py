@@ -14,19 +14,24 @@ from typing import Any
 LINEARITY_METRICS = ("linearity", "linearity_wo_residual", "contribution_norm", "cosine")
 
 
-def _truncate_jsonl(path: Path, keep_through_step: int) -> None:
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+def read_jsonl_records(path: Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` for every parseable line of a run's JSONL log; blank lines and a last line
+    cut by a crash are skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            out.append((line, json.loads(line)))
         except json.JSONDecodeError:
             continue  # a line cut by a crash
-        if rec.get("step", 0) <= keep_through_step:
-            kept.append(line)
+    return out
+
+
+def _truncate_jsonl(path: Path, keep_through_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line, rec in read_jsonl_records(path) if rec.get("step", 0) <= keep_through_step]
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(k + "\n" for k in kept))
     tmp.replace(path)

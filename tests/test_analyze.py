@@ -19,12 +19,7 @@ ARCHS = ["gpt2", "opt", "llama", "mistral"]
 SEQ, TOKENS = 64, 1536
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: one thread is much faster than two fighting
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

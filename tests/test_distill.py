@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 
@@ -22,17 +23,9 @@ from linreg.pruning.surgery import provenance
 from tests.tiny_models import REPO, TINYSTORIES, pack, save_model, tiny_model, train_lm, train_tokenizer
 from tests.train_helpers import env_for, losses
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 needs_text = pytest.mark.skipif(not TINYSTORIES.is_file(), reason=f"shared TinyStories sample not found at {TINYSTORIES}")
 SEQ = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def held_out_mse(student, teacher, blocks) -> float:
@@ -162,7 +155,8 @@ def test_objective_prunes_in_place_and_its_loss_matches_a_float64_reference(tmp_
     save_model(tiny_model("llama", d=32, layers=4, vocab=320, seed=3), tok, tmp_path / "teacher")
     sets = [f"task.options.teacher={tmp_path / 'teacher'}", "task.options.remove=2", "task.options.select=cosine",
             "task.options.calibration_blocks=8", "task.options.lm_weight=0.5", "data.embedded_docs=300",
-            "data.val_docs=20", f"data.cache_dir={tmp_path / 'cache'}", "train.seq_len=32", "train.micro_batch_size=4"]
+            "data.val_docs=20", f"data.cache_dir={tmp_path / 'cache'}", "train.seq_len=32", "train.micro_batch_size=4",
+            "train.eval_blocks=10"]
     recipe = load_recipe(REPO / "recipes" / "distill-tiny.yaml", sets)
     ctx = RunContext(recipe=recipe, run_dir=tmp_path / "run", rank=0, world_size=1, device=torch.device("cpu"),
                      barrier=lambda: None, log=lambda msg: None)
@@ -197,6 +191,23 @@ def test_objective_prunes_in_place_and_its_loss_matches_a_float64_reference(tmp_
     assert float(total.detach()) == pytest.approx(float(mse + 0.5 * lm), rel=1e-5)
     ev = obj.evaluate(student)
     assert set(ev) == {"val/loss", "val/perplexity", "val/mse"} and ev["val/mse"] > 0
+    # validation against a one-block-at-a-time float64 reference (the last micro batch is a partial one)
+    val = [torch.tensor(np.asarray(obj.data.val[i]), dtype=torch.long)[None]
+           for i in range(min(recipe.train.eval_blocks, len(obj.data.val)))]
+    assert len(val) % recipe.train.micro_batch_size != 0
+    nll, rel_mse = [], []
+    with torch.no_grad():
+        for ids in val:
+            with BlockCapture(obj.teacher) as tc, BlockCapture(student) as sc:
+                obj.teacher(input_ids=ids)
+                logits = student(input_ids=ids).logits.double()
+            nll.append(float(-torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).mean()))
+            rel_mse.append(float(torch.stack([
+                ((sc.states[j + 1].double() - tc.states[kept[j] + 1].double()) ** 2).sum()
+                / (tc.states[kept[j] + 1].double() ** 2).sum() for j in range(len(kept))]).mean()))
+    assert ev["val/loss"] == pytest.approx(float(np.mean(nll)), rel=1e-5)
+    assert ev["val/perplexity"] == pytest.approx(math.exp(float(np.mean(nll))), rel=1e-5)
+    assert ev["val/mse"] == pytest.approx(float(np.mean(rel_mse)), rel=1e-5)
     bad = load_recipe(REPO / "recipes" / "distill-tiny.yaml", sets + ["task.options.mse_wieght=1"])
     with pytest.raises(ConfigError, match="mse_wieght"):
         DistillObjective(RunContext(recipe=bad, run_dir=tmp_path, rank=0, world_size=1, device=torch.device("cpu"),

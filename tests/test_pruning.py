@@ -3,7 +3,6 @@ surgery (removal and linear replacement) with KV-cache generation, saving and lo
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -18,22 +17,17 @@ from linreg.hidden import BlockCapture, find_blocks
 from linreg.pruning import LinearBlock, load_pruned, remove_blocks, replace_blocks, save_pruned
 from linreg.pruning.cli import main as prune_main
 from linreg.pruning.perplexity import perplexity
-from linreg.pruning.prune import prune_model, sweep
+from linreg.pruning.prune import prune_model
 from linreg.pruning.select import block_scores, block_statistics, rank_blocks
 from linreg.pruning.surgery import identity_block, provenance, swap_blocks
 from linreg.textdata import token_blocks
-from tests.tiny_models import REPO, save_model, tiny_model, train_tokenizer, write_text
+from tests.tiny_models import save_model, tiny_model, train_tokenizer, write_text
 
 ARCHS = ["gpt2", "opt", "llama", "mistral"]
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import torch
 
 from linreg.errors import ConfigError, DataError, LinregError
 from linreg.finetune.tasks import FinetuneOptions, TaskData, load_task_data
-from linreg.train.objectives import Objective, lm_forward, split_evenly
+from linreg.train.objectives import Objective, add_regularizer, lm_forward, split_evenly
 
 __all__ = ["ClassificationObjective", "RewardObjective", "pairwise_loss", "pair_accuracy",
            "classification_metrics", "model_label", "FINETUNE_INFO"]
@@ -340,11 +340,7 @@ class ClassificationObjective(_FinetuneObjective):
         logits = out.logits.float()
         ce = torch.nn.functional.cross_entropy(logits, batch["labels"])
         parts = {"loss/task": ce, "train/accuracy": (logits.argmax(-1) == batch["labels"]).float().mean()}
-        total = ce
-        if reg is not None:
-            parts["loss/regularizer"] = reg
-            total = total + reg
-        return total, parts
+        return add_regularizer(ce, parts, reg)
 
     @torch.no_grad()
     def predict(self, model, seqs: list[np.ndarray]) -> torch.Tensor:
@@ -423,11 +419,7 @@ class RewardObjective(_FinetuneObjective):
         lo = pairwise_loss(rc, rr)
         parts = {"loss/reward": lo, "train/accuracy": pair_accuracy(rc, rr),
                  "train/margin": (rc - rr).mean().detach()}
-        total = lo
-        if reg is not None:
-            parts["loss/regularizer"] = reg
-            total = total + reg
-        return total, parts
+        return add_regularizer(lo, parts, reg)
 
     @torch.no_grad()
     def rewards(self, model, seqs: list[np.ndarray]) -> torch.Tensor:

@@ -27,7 +27,6 @@ loop as pretraining (DeepSpeed ZeRO, checkpoints, resume, TensorBoard, linearity
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from linreg.errors import ConfigError
-from linreg.train.objectives import LMObjective, split_evenly
+from linreg.train.objectives import LMObjective, add_regularizer, sequence_nll
 
 __all__ = ["DistillObjective", "DEFAULT_OPTIONS", "layerwise_mse"]
 
@@ -242,48 +241,25 @@ class DistillObjective(LMObjective):
         if o["lm_weight"] > 0:
             total = total + o["lm_weight"] * out.loss
             parts["loss/lm"] = out.loss
-        if reg is not None:
-            total = total + reg
-            parts["loss/regularizer"] = reg
-        return total, parts
+        return add_regularizer(total, parts, reg)
 
     # ------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def evaluate(self, model) -> dict[str, float]:
-        import torch.distributed as dist
+    eval_extras = ("val/mse",)
 
+    def eval_batch(self, model, ids):
+        """The LM validation NLL, and each sequence's layerwise MSE to the teacher."""
         from linreg.hidden import BlockCapture
 
-        blocks = self._val_blocks(self.recipe.train.eval_blocks)
-        if not blocks:
-            return {}
-        mine, real = split_evenly(blocks, self.ctx.rank, self.ctx.world_size)
-        was = model.training
-        model.eval()
-        tot = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # nll sum, mse sum, count
-        mb = self.recipe.train.micro_batch_size
-        for i in range(0, len(mine), mb):
-            ids = torch.from_numpy(np.stack(mine[i:i + mb])).to(self.ctx.device)
-            w = torch.tensor(real[i:i + mb], dtype=torch.float64, device=self.ctx.device)
-            t_states = self._teacher_states(ids)
-            with BlockCapture(model, detach=True) as cap:
-                logits = model(input_ids=ids).logits.float()
-                s_states = list(cap.states)
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
-            ).view(ids.size(0), -1).double().mean(1)
-            for r in range(ids.size(0)):
-                mse = layerwise_mse([None if s is None else s[r:r + 1] for s in s_states],
-                                    [None if t is None else t[r:r + 1] for t in t_states], self.pairs,
-                                    normalize=bool(self.opts["normalize"]))
-                tot[1] += mse.double() * w[r]
-            tot[0] += (nll * w).sum()
-            tot[2] += w.sum()
-        if dist.is_initialized():
-            dist.all_reduce(tot)
-        model.train(was)
-        val = (tot[0] / tot[2]).item()
-        return {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0)), "val/mse": (tot[1] / tot[2]).item()}
+        t_states = self._teacher_states(ids)
+        with BlockCapture(model, detach=True) as cap:
+            logits = model(input_ids=ids).logits
+            s_states = list(cap.states)
+        mse = torch.stack([
+            layerwise_mse([None if s is None else s[r:r + 1] for s in s_states],
+                          [None if t is None else t[r:r + 1] for t in t_states], self.pairs,
+                          normalize=bool(self.opts["normalize"])).double()
+            for r in range(ids.size(0))])
+        return sequence_nll(logits, ids), [mse]
 
     # ----------------------------------------------------------------------------------------- export
     def export_hint(self) -> str:

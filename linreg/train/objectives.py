@@ -115,6 +115,22 @@ def lm_forward(model, batch: dict, regularizer, *, labels: bool = True):
     return out, reg
 
 
+def add_regularizer(total: torch.Tensor, parts: dict, reg: torch.Tensor | None):
+    """``(total + reg, parts)`` with ``reg`` logged as ``loss/regularizer``; unchanged when ``reg`` is None."""
+    if reg is None:
+        return total, parts
+    parts["loss/regularizer"] = reg
+    return total + reg, parts
+
+
+def sequence_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each sequence, ``[B]`` in float64 (logits upcast)."""
+    logits = logits.float()
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none")
+    return nll.view(ids.size(0), -1).double().mean(1)
+
+
 class LMObjective(Objective):
     """Causal language modelling on packed blocks (pretraining)."""
 
@@ -175,19 +191,24 @@ class LMObjective(Objective):
 
     def loss(self, model, batch, regularizer):
         out, reg = lm_forward(model, batch, regularizer)
-        parts = {"loss/lm": out.loss}
-        total = out.loss
-        if reg is not None:
-            parts["loss/regularizer"] = reg
-            total = total + reg
-        return total, parts
+        return add_regularizer(out.loss, {"loss/lm": out.loss}, reg)
 
     def _val_blocks(self, count: int) -> list[np.ndarray]:
         n = min(count, len(self.data.val))
         return [np.asarray(self.data.val[i], dtype=np.int64) for i in range(n)]
 
+    #: names of the extra per-sequence validation values that ``eval_batch`` returns, in order
+    eval_extras: tuple[str, ...] = ()
+
+    def eval_batch(self, model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-sequence mean next-token NLL ``[B]`` of one validation batch, and one ``[B]`` tensor
+        per name in ``eval_extras``."""
+        return sequence_nll(model(input_ids=ids).logits, ids), []
+
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
+        """Validation loss and perplexity (plus ``eval_extras``) over ``train.eval_blocks`` held-out
+        blocks, split over the ranks, each block counted once."""
         import math
 
         import torch.distributed as dist
@@ -198,22 +219,23 @@ class LMObjective(Objective):
         mine, real = split_evenly(blocks, self.ctx.rank, self.ctx.world_size)
         was_training = model.training
         model.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        k = len(self.eval_extras)
+        tot = torch.zeros(k + 2, dtype=torch.float64, device=self.ctx.device)  # nll, extras..., count
         mb = self.recipe.train.micro_batch_size
         for i in range(0, len(mine), mb):
             ids = torch.from_numpy(np.stack(mine[i:i + mb])).to(self.ctx.device)
             w = torch.tensor(real[i:i + mb], dtype=torch.float64, device=self.ctx.device)
-            logits = model(input_ids=ids).logits.float()
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
-            ).view(ids.size(0), -1).double().mean(1)
-            tot[0] += (nll * w).sum()
-            tot[1] += w.sum()
+            nll, extras = self.eval_batch(model, ids)
+            for n, v in enumerate([nll, *extras]):
+                tot[n] += (v.double() * w).sum()
+            tot[k + 1] += w.sum()
         if dist.is_initialized():
             dist.all_reduce(tot)
         model.train(was_training)
-        val = (tot[0] / tot[1]).item()
-        return {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
+        val = (tot[0] / tot[k + 1]).item()
+        out = {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
+        out.update({name: (tot[n + 1] / tot[k + 1]).item() for n, name in enumerate(self.eval_extras)})
+        return out
 
     def tracking_batches(self) -> list[dict[str, torch.Tensor]]:
         blocks = self._val_blocks(self.recipe.track.blocks)
