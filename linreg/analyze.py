@@ -307,6 +307,8 @@ def load_checkpoint_state(step_dir: Path) -> dict[str, torch.Tensor]:
     import contextlib
     import io
 
+    from linreg.checkpoint import safe_torch_load
+
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {step_dir}")
@@ -314,17 +316,20 @@ def load_checkpoint_state(step_dir: Path) -> dict[str, torch.Tensor]:
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), safe_torch_load():
             state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
         if state:
             return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    except CheckpointError:
+        raise  # refused by the weights-only loader: never retried less safely
     except Exception as exc:  # stage 0 checkpoints have no ZeRO partitions
         err = exc
     files = sorted(step_dir.glob("*model_states.pt"))
     if not files:
         raise CheckpointError(f"{step_dir}: no DeepSpeed model states (*model_states.pt)"
                               + (f"; zero_to_fp32 failed: {err}" if err else ""))
-    blob = torch.load(files[0], map_location="cpu", weights_only=False)
+    with safe_torch_load():
+        blob = torch.load(files[0], map_location="cpu")
     module = blob.get("module")
     if not module:
         raise CheckpointError(f"{files[0]}: no 'module' state in the checkpoint" + (f"; zero_to_fp32: {err}" if err else ""))

@@ -3,11 +3,19 @@
 A checkpoint is ``checkpoints/step_N/`` written by ``engine.save_checkpoint`` on every rank; after all
 ranks are done, rank 0 writes ``step_N/COMPLETE``. Resuming only ever picks a folder with that marker,
 so a save that a crash (or SIGKILL) interrupted is skipped with a message and the previous one is used.
+
+Every checkpoint read (resume, universal conversion, ``linreg analyze --checkpoints``) goes through
+:func:`safe_torch_load`: ``torch.load`` with ``weights_only=True``, DeepSpeed's own reads included, so a
+tampered file cannot run code. Set ``LINREG_TRUST_CHECKPOINTS=1`` to read a checkpoint you trust that
+holds other Python objects with full pickle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
 import random
 import re
 import shutil
@@ -20,6 +28,7 @@ import torch
 from linreg.errors import CheckpointError
 
 MARKER = "COMPLETE"
+TRUST_ENV = "LINREG_TRUST_CHECKPOINTS"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -109,3 +118,49 @@ def resolve_resume(arg: str | None, ckpt_root: Path, log=print) -> tuple[int, Pa
     if not (path / MARKER).is_file():
         raise CheckpointError(f"--resume {arg}: checkpoint is incomplete (no {MARKER} marker); refusing to load it")
     return int(m.group(1)), path
+
+
+def checkpoint_safe_globals() -> list:
+    """What a DeepSpeed checkpoint of ours holds besides tensors and plain containers: numpy arrays (the
+    RNG state in the client state) and DeepSpeed's loss-scaler, ZeRO-stage and fragment-address records."""
+    allowed: list = [np.ndarray, np.dtype]
+    core = getattr(np, "_core", None) or getattr(np, "core")
+    allowed.append(core.multiarray._reconstruct)
+    allowed += [type(np.dtype(t)) for t in ("uint32", "int64", "float32", "float64", "bool")]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # an older or newer DeepSpeed without one of them: its checkpoints lack it too
+        pass
+    return allowed
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Within this block every ``torch.load`` (DeepSpeed's internal ones too) runs with
+    ``weights_only=True``, allowing only :func:`checkpoint_safe_globals`. A file that needs anything
+    else raises :class:`CheckpointError` naming it. ``LINREG_TRUST_CHECKPOINTS=1`` switches this off."""
+    if os.environ.get(TRUST_ENV) == "1":
+        yield
+        return
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            why = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), str(exc).splitlines()[0])
+            raise CheckpointError(
+                f"{f}: refused by the weights-only loader ({why}); if you trust where this checkpoint came from, "
+                f"set {TRUST_ENV}=1 to load it with full pickle") from exc
+
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original

@@ -28,6 +28,23 @@ PEAK_TFLOPS_BF16 = {
 }
 
 
+def check_mistral_keys(config: dict[str, Any], path: str = "model.config") -> None:
+    """Refuse keys that ``MistralConfig`` would silently keep as unused attributes (a typo such as
+    ``hiden_size`` would otherwise train a model of the default size)."""
+    import difflib
+    import inspect
+
+    from transformers import MistralConfig
+
+    known = set(inspect.signature(MistralConfig.__init__).parameters) - {"self", "kwargs"}
+    known |= set(MistralConfig().to_dict()) | {"rope_theta", "rope_scaling"}  # legacy rope keys are still read
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown recipe key '{path}.{key}': not a MistralConfig argument{hint}")
+
+
 def mistral_config(overrides: dict[str, Any], vocab_size: int, seq_len: int, attn_implementation: str = "sdpa"):
     from transformers import MistralConfig
 

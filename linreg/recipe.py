@@ -26,6 +26,11 @@ class ModelSection:
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
 
+    def validate(self, path: str) -> None:
+        from linreg.model import check_mistral_keys
+
+        check_mistral_keys(self.config, f"{path}.config")
+
 
 @dataclass
 class OptimizerSection:
@@ -74,6 +79,13 @@ class RegularizerSection:
     layers: list[int] | None = None  # which consecutive pairs (block indices) take part; None: all
     options: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self, path: str) -> None:
+        if self.name is not None and str(self.name).strip().lower() not in ("", "none"):
+            from linreg.regularizers import build_regularizer
+
+            # builds it once with its options: a wrong name, plugin path or option fails before any compute
+            build_regularizer(self.name, weight=self.weight, layers=self.layers, **self.options)
+
 
 @dataclass
 class TrackSection:
@@ -84,12 +96,24 @@ class TrackSection:
     blocks: int = 16  # validation blocks of seq_len tokens used for the measurement
     at_start: bool = True
 
+    def validate(self, path: str) -> None:
+        for name in ("every", "blocks"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}: must be positive, got {getattr(self, name)} "
+                                  f"(to switch tracking off set {path}.enabled=false)")
+
 
 @dataclass
 class CheckpointSection:
     save_every: int = 500
-    keep_last: int = 2
+    keep_last: int = 2  # 0: keep every checkpoint
     export_hf: bool = True
+
+    def validate(self, path: str) -> None:
+        if self.save_every <= 0:
+            raise ConfigError(f"{path}.save_every: must be positive, got {self.save_every}")
+        if self.keep_last < 0:
+            raise ConfigError(f"{path}.keep_last: must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
 
 
 @dataclass

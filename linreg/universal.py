@@ -14,6 +14,7 @@ import io
 import shutil
 from pathlib import Path
 
+from linreg.checkpoint import safe_torch_load
 from linreg.errors import CheckpointError
 
 
@@ -30,8 +31,10 @@ def convert_to_universal(src: Path, dst: Path, workers: int = 1) -> Path:
                               inject_missing_state=True)
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), safe_torch_load():
             ds_to_universal.main(args)
+    except CheckpointError:
+        raise
     except Exception as exc:  # DeepSpeed raises plain exceptions here
         raise CheckpointError(f"could not convert {src} to a universal checkpoint: {exc}") from exc
     # DeepSpeed writes <output>/zero/... plus the model-state files; the loader wants the step folder itself

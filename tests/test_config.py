@@ -43,6 +43,12 @@ def test_base_inheritance_and_overrides():
     ("optimizer.betas=[0.9]", "optimizer.betas: expected two numbers"),
     ("data.sources=[{path: a.txt, hf: b}]", "data.sources[0]: give exactly one of"),
     ("modle.config={}", "unknown recipe key 'modle'"),
+    ("model.config.hiden_size=64", "unknown recipe key 'model.config.hiden_size': not a MistralConfig argument; did you mean hidden_size"),
+    ("regularizer.name=cosinus", "unknown regularizer 'cosinus'; available: none, cosine, mse, weight"),
+    ("regularizer={name: cosine, weight: 0.5, options: {epz: 1}}", "epz"),
+    ("track.every=0", "track.every: must be positive"),
+    ("checkpoint.save_every=0", "checkpoint.save_every: must be positive"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last: must be >= 0"),
 ])
 def test_bad_recipe_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
@@ -118,3 +124,42 @@ def test_checkpoint_selection_skips_incomplete(tmp_path):
     ckpt.mark_complete(root / "step_6", 6)
     ckpt.remove_old(root, keep_last=2, log=lambda *_: None)
     assert [s for s, _, _ in ckpt.list_checkpoints(root)] == [4, 6]
+
+
+class _Payload:
+    """Pickles to a call that creates a file: what a tampered checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_reads_refuse_pickled_code(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from linreg.analyze import load_checkpoint_state
+
+    monkeypatch.delenv(ckpt.TRUST_ENV, raising=False)
+    step = tmp_path / "checkpoints" / "step_3"
+    step.mkdir(parents=True)
+    marker = tmp_path / "code_ran"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": _Payload(marker)}, step / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match=r"weights-only loader.*LINREG_TRUST_CHECKPOINTS=1"):
+        load_checkpoint_state(step)
+    assert not marker.exists()
+    # what our own checkpoints hold loads: tensors, and the RNG state with its numpy array
+    good = tmp_path / "good.pt"
+    torch.save({"module": {"w": torch.arange(3.0)}, "rng": ckpt.rng_state()}, good)
+    original = torch.load
+    with ckpt.safe_torch_load():
+        blob = torch.load(good)
+    assert torch.load is original  # restored afterwards
+    assert np.array_equal(blob["rng"]["numpy"][1], np.random.get_state()[1])
+    # a user who trusts the file can opt in to full pickle
+    monkeypatch.setenv(ckpt.TRUST_ENV, "1")
+    with ckpt.safe_torch_load():
+        torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)
+    assert marker.exists()

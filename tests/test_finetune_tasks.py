@@ -231,6 +231,18 @@ def test_table_means_and_stds_over_seeds(tmp_path, capsys):
     assert exc.value.code == 0 and "--strict" in capsys.readouterr().out
 
 
+def test_table_refuses_seeds_measured_on_different_tokens(tmp_path):
+    from linreg.errors import DataError
+    from linreg.finetune.table import find_runs, read_run, summarize
+
+    _fake_run(tmp_path / "seed_1", "m", "boolq", 1, [0.8, 0.9], [0.9, 0.96], 0.7)
+    _fake_run(tmp_path / "seed_2", "m", "boolq", 2, [0.82, 0.88], [0.95, 0.97], 0.8)
+    log = tmp_path / "seed_2" / "linearity.jsonl"
+    log.write_text(log.read_text().replace('"n_tokens": 500', '"n_tokens": 640'))
+    with pytest.raises(DataError, match=r"different numbers of held-out tokens \[500, 640\]"):
+        summarize([read_run(p) for p in find_runs([tmp_path])])
+
+
 @pytest.mark.slow  # imports `datasets` (seconds)
 def test_hub_code_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
     """The `datasets.load_dataset` route of the hub data sets, on local folders laid out like the hub repos

@@ -153,6 +153,11 @@ def summarize(runs: list[RunSummary]) -> list[dict[str, Any]]:
         if len(n_layers) != 1:
             raise DataError(f"{model} / {task}: runs with different numbers of blocks {sorted(n_layers)}: "
                             + ", ".join(str(r.run_dir) for r in rs))
+        n_tokens = {r.n_tokens for r in rs}
+        if len(n_tokens) != 1:  # different held-out tokens: their linearity values do not average
+            raise DataError(f"{model} / {task}: runs measured on different numbers of held-out tokens "
+                            f"{sorted(n_tokens)} (track.blocks or validation data differ): "
+                            + ", ".join(str(r.run_dir) for r in rs))
         row: dict[str, Any] = {"model": model, "task": task, "kind": rs[0].kind,
                                "seeds": [r.seed for r in rs], "runs": [str(r.run_dir) for r in rs],
                                "steps": sorted({r.after_step for r in rs}), "n_tokens": rs[0].n_tokens,

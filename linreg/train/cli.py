@@ -20,7 +20,7 @@ examples:
 """
 
 
-def build_parser(prog: str = "pretrain", default_kind: str | None = None) -> argparse.ArgumentParser:
+def build_parser(prog: str = "linreg pretrain", default_kind: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a model from a recipe with DeepSpeed ZeRO: "
                                 "checkpoints, linearity tracking and TensorBoard logs in the run folder.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +38,7 @@ def build_parser(prog: str = "pretrain", default_kind: str | None = None) -> arg
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "pretrain", default_kind: str | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "linreg pretrain", default_kind: str | None = None) -> int:
     args = build_parser(prog, default_kind).parse_args(argv)
     try:
         from linreg.config import load_recipe, to_dict

@@ -234,8 +234,9 @@ class Trainer:
     def _load(self, step: int, path: Path) -> None:
         uni = getattr(self, "universal_dir", None)
         load_dir, tag = (uni.parent, uni.name) if uni is not None else (path.parent, path.name)
-        loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+        with ckpt.safe_torch_load():
+            loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
         if client.get("step") != step:
