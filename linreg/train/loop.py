@@ -7,6 +7,7 @@ guard and the Hugging Face export. What is trained comes from an objective (``li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,24 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class NonFiniteLossError(LinregError):
     """The loss became NaN or infinite; the run stops before those weights can be saved."""
 
+
+
+@contextlib.contextmanager
+def _killed_after_first_file(flush):
+    """Tests (``LINREG_FAULT_KILL_DURING_SAVE``): SIGKILL this process as soon as DeepSpeed's save has
+    written its first file, leaving a half-written checkpoint folder behind."""
+    original = torch.save
+
+    def save(*args, **kwargs):
+        original(*args, **kwargs)
+        flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = original
 
 @dataclass
 class RunResult:
@@ -422,10 +441,9 @@ class Trainer:
             dist.all_gather_object(gathered, client["rng"][str(self.rank)])
             client["rng"] = {str(i): g for i, g in enumerate(gathered)}
         path = ckpt.step_dir(self.ckpt_root, step)
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=path.name, client_state=client)
-        if int(os.environ.get(FAULT_KILL_DURING_SAVE, -1)) == step and self.rank == 0:
-            self.logger.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+        fault = int(os.environ.get(FAULT_KILL_DURING_SAVE, -1)) == step and self.rank == 0
+        with _killed_after_first_file(self.logger.flush) if fault else contextlib.nullcontext():
+            self.engine.save_checkpoint(str(self.ckpt_root), tag=path.name, client_state=client)
         self.barrier()
         if self.rank == 0:
             ckpt.mark_complete(path, step, {"world_size": self.world, "zero_stage": self.ds_cfg.get(
