@@ -39,7 +39,6 @@ class NonFiniteLossError(LinregError):
     """The loss became NaN or infinite; the run stops before those weights can be saved."""
 
 
-
 @contextlib.contextmanager
 def _killed_after_first_file(flush):
     """Tests (``LINREG_FAULT_KILL_DURING_SAVE``): SIGKILL this process as soon as DeepSpeed's save has
@@ -56,6 +55,7 @@ def _killed_after_first_file(flush):
         yield
     finally:
         torch.save = original
+
 
 @dataclass
 class RunResult:
