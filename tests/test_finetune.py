@@ -112,6 +112,43 @@ def test_rerun_skips_finished_seeds_and_rewrites_table(cls_sweep, cls_data, cach
     assert json.loads((out / "finetune_table.json").read_text())["rows"] == json.loads(before)["rows"]
 
 
+def test_sigterm_stops_the_sweep_unfinished_and_the_rerun_resumes(tmp_path, cache, cls_data):
+    """Preemption during a sweep: the loop saves and returns early; the seed stays unfinished, no further seed
+    starts, no table is written, exit status 143; the rerun resumes that seed from its checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.finetune_helpers import FINETUNE
+    from tests.train_helpers import REPO, env_for
+
+    out = tmp_path / "preempted"
+    run1 = out / "seed_1"
+    proc = subprocess.Popen([sys.executable, str(FINETUNE), *_cls_args(cls_data, out), "--seeds", "1,2"], cwd=REPO,
+                            env=env_for(cache, {"LINREG_TEST_STEP_DELAY": "0.3"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run1 / "metrics.jsonl").is_file() and max(_metric(run1, "loss/task"), default=0) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stdout[-3000:] + stderr[-3000:]
+    info = json.loads((run1 / "finetune.json").read_text())
+    stopped = info["final_step"]
+    assert info["finished"] is False and 3 <= stopped < 40
+    assert "stopped by a signal after step" in stdout and "--resume auto" in stdout
+    assert "seeds 2 not started" in stdout
+    assert not (out / "seed_2").exists() and not (out / "finetune_table.json").exists()
+    proc2 = run_finetune(_cls_args(cls_data, out) + ["--seeds", "1"], cache)
+    assert f"resumed from step {stopped}" in proc2.stdout
+    info = json.loads((run1 / "finetune.json").read_text())
+    assert info["finished"] is True and info["final_step"] == 40
+    assert json.loads((out / "finetune_table.json").read_text())["rows"][0]["seeds"] == [1]
+
+
 def test_two_ranks_two_seeds_match_one_rank(tmp_path, cache, cls_data, cls_sweep):
     """Both seeds on 2 CPU ranks (ZeRO-2 over gloo, the process group reused by the second seed): the same
     losses, validation metrics (evaluation split over the ranks) and linearity (tracking tokens split over

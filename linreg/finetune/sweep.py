@@ -11,6 +11,10 @@ and DeepSpeed engine; the previous ones are released and garbage collected in be
 run already finished (``finetune.json`` says so, at ``train.steps``) is skipped, so re-running an
 interrupted sweep continues where it stopped (``--resume auto`` also resumes the interrupted seed from
 its newest checkpoint), and raising ``train.steps`` continues finished seeds from their last checkpoint.
+
+SIGTERM / SIGUSR1 (SLURM preemption, time limit) make the training loop save a checkpoint and return
+early: that run stays ``finished: false``, the sweep starts no further seed and writes no table, and the
+command exits 143 (as ``linreg pretrain`` does), so running it again continues where it stopped.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from linreg.errors import ConfigError, LinregError
 
 FINETUNE_KINDS = ("classification", "reward")
+STOPPED_EXIT = 143  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint (as the training loop's command line)
 
 EPILOG = """\
 overrides:
@@ -37,6 +42,10 @@ examples:
   deepspeed --num_gpus 8 launch/finetune.py --recipe recipes/finetune-boolq.yaml --seeds 1,2,3
   python launch/finetune.py --recipe recipes/finetune-hh-reward.yaml --set model.init_from=EleutherAI/pythia-410m
   linreg finetune-table runs/finetune-boolq runs/finetune-cb     # one table for several sweeps
+
+exit status:
+  0 done; 2 bad recipe, options or data (error: ...); 143 stopped by SIGTERM/SIGUSR1 after saving a
+  checkpoint (a sweep starts no further seed and writes no table): run the same command again to continue
 """
 
 
@@ -102,9 +111,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def run_completed(recipe, result) -> bool:
+    """Whether ``result`` (a :class:`linreg.train.loop.RunResult`) ends the run: not stopped by a signal and
+    at ``train.steps``."""
+    return not result.interrupted and result.final_step == recipe.train.steps
+
+
 def finish_run(recipe, result) -> str | None:
-    """Rank 0: mark the run finished in finetune.json (with the final validation metrics) and return a
-    one-line linearity summary."""
+    """Rank 0: record the end of the run in finetune.json and return a one-line report.
+
+    A completed run (:func:`run_completed`) is marked ``finished`` with its final validation metrics and
+    linearity means, and the line summarizes the linearity change. A run stopped early (SIGTERM/SIGUSR1:
+    the loop saved a checkpoint and returned) stays ``finished: false`` and the line says how to continue."""
     if _rank() != 0:
         return None
     from linreg.finetune.table import read_run
@@ -114,11 +132,16 @@ def finish_run(recipe, result) -> str | None:
     run_dir = recipe.run_dir
     p = _info_path(run_dir)
     info = json.loads(p.read_text()) if p.is_file() else {}
-    info.update({"finished": True, "final_step": result.final_step})
+    done = run_completed(recipe, result)
+    info.update({"finished": done, "final_step": result.final_step})
+    p.write_text(json.dumps(info, indent=2) + "\n")
+    if not done:
+        why = "stopped by a signal" if result.interrupted else "stopped early"
+        return (f"{run_dir}: {why} after step {result.final_step} of {recipe.train.steps} (checkpoint saved; not "
+                f"marked finished); run the same command again with --resume auto (the default) to continue")
     try:
         summary = read_run(run_dir)
     except DataError as exc:  # tracking off (track.enabled / track.at_start false)
-        p.write_text(json.dumps(info, indent=2) + "\n")
         return f"{run_dir}: finished; no linearity change to report ({exc})"
     info.update({"val": summary.val, "linearity_before": summary.before, "linearity_after": summary.after})
     p.write_text(json.dumps(info, indent=2) + "\n")
@@ -177,7 +200,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/finetune.py") -> int
             line = finish_run(recipe, result)
             if line:
                 print(line, flush=True)
-            return 0
+            return 0 if run_completed(recipe, result) else STOPPED_EXIT
 
         run_dirs, lines = [], []
         for s in seeds:
@@ -196,6 +219,14 @@ def main(argv: list[str] | None = None, prog: str = "launch/finetune.py") -> int
             if line:
                 lines.append(line)
                 print(line, flush=True)
+            if not run_completed(rs, result):  # preempted: stop here, the rerun continues this seed
+                rest = seeds[seeds.index(s) + 1:]
+                if _rank() == 0:
+                    print(f"sweep stopped at seed {s}" + (f"; seeds {','.join(map(str, rest))} not started"
+                                                           if rest else "")
+                          + f"; no table written. Run the same command again (--resume auto, the default) to "
+                            f"continue", flush=True)
+                return STOPPED_EXIT
             del result
             _release()
             _barrier()
