@@ -179,12 +179,13 @@ def test_pairwise_loss_and_accuracy_on_known_rewards():
 # -- the table --------------------------------------------------------------------------------------
 
 
-def _fake_run(folder, model, task, seed, before, after, val_acc):
+def _fake_run(folder, model, task, seed, before, after, val_acc, *, steps=20, finished=True):
+    """A run folder as the loop and finish_run leave it: tracked at 0, steps/2 and steps."""
     folder.mkdir(parents=True)
     (folder / "finetune.json").write_text(json.dumps({"model": model, "task": task, "kind": "classification",
-                                                      "seed": seed}))
+                                                      "seed": seed, "finished": finished, "final_step": steps}))
     lines = []
-    for step, vals in ((0, before), (10, [0.5] * len(before)), (20, after)):
+    for step, vals in ((0, before), (steps // 2, [0.5] * len(before)), (steps, after)):
         layers = [{"linearity": v, "linearity_wo_residual": v / 2, "contribution_norm": 1.0, "cosine": 0.5}
                   for v in vals]
         lines.append(json.dumps({"step": step, "n_tokens": 500, "baseline": 0.1, "layers": layers}))
@@ -240,6 +241,48 @@ def test_table_refuses_seeds_measured_on_different_tokens(tmp_path):
     log = tmp_path / "seed_2" / "linearity.jsonl"
     log.write_text(log.read_text().replace('"n_tokens": 500', '"n_tokens": 640'))
     with pytest.raises(DataError, match=r"different numbers of held-out tokens \[500, 640\]"):
+        summarize([read_run(p) for p in find_runs([tmp_path])])
+
+
+def test_table_skips_unfinished_runs(tmp_path, capsys):
+    """A run stopped mid-way (finetune.json finished false; a pretraining run whose last tracked step is not
+    its train.steps) is left out with a warning, not averaged with the finished seeds; --strict refuses it."""
+    from linreg.finetune.table import main, write_table
+
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep / "seed_1", "m", "boolq", 1, [0.8, 0.9], [0.9, 0.96], 0.7)
+    _fake_run(sweep / "seed_2", "m", "boolq", 2, [0.82, 0.88], [0.95, 0.97], 0.8)
+    # seed 3 stopped by SIGTERM at step 10: its tracked lines end at step 10 (0, 5, 10)
+    _fake_run(sweep / "seed_3", "m", "boolq", 3, [0.6, 0.6], [0.1, 0.1], 0.1, steps=10, finished=False)
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / "recipe.yaml").write_text("name: tiny\ntask:\n  kind: lm\ntrain:\n  steps: 100\n  seed: 1\n")
+    layers = [{"linearity": 0.5, "linearity_wo_residual": 0.2}]
+    (pre / "linearity.jsonl").write_text("".join(json.dumps({"step": s, "n_tokens": 9, "layers": layers}) + "\n"
+                                                 for s in (0, 50)))
+    res = write_table([sweep, pre], tmp_path / "t", plot=False)
+    err = capsys.readouterr().err
+    assert f"skipping {sweep / 'seed_3'}" in err and "unfinished run (finetune.json: finished false, stopped at " \
+        "step 10)" in err
+    assert f"skipping {pre}" in err and "ends at step 50, the recipe has train.steps=100" in err
+    (row,) = res["rows"]
+    assert row["seeds"] == [1, 2] and row["steps"] == [20]
+    assert row["linearity"]["before"]["values"] == pytest.approx([0.85, 0.85])  # seed 3 not averaged in
+    assert len(res["skipped"]) == 2
+    assert main([str(sweep), "--strict", "--no-plot", "--out", str(tmp_path / "t2")]) == 2
+    assert "unfinished run" in capsys.readouterr().err
+    # the same pretraining run once it reached train.steps is summarized
+    (pre / "linearity.jsonl").write_text((pre / "linearity.jsonl").read_text().replace('"step": 50', '"step": 100'))
+    assert write_table([pre], tmp_path / "t3", plot=False)["rows"][0]["task"] == "pretraining"
+
+
+def test_table_refuses_runs_of_different_lengths(tmp_path):
+    from linreg.errors import DataError
+    from linreg.finetune.table import find_runs, read_run, summarize
+
+    _fake_run(tmp_path / "seed_1", "m", "boolq", 1, [0.8, 0.9], [0.9, 0.96], 0.7, steps=20)
+    _fake_run(tmp_path / "seed_2", "m", "boolq", 2, [0.82, 0.88], [0.95, 0.97], 0.8, steps=40)
+    with pytest.raises(DataError, match=r"runs end at different steps \[20, 40\]"):
         summarize([read_run(p) for p in find_runs([tmp_path])])
 
 

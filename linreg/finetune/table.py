@@ -76,8 +76,29 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
         rec = yaml.safe_load(recipe_path.read_text()) or {}
         kind = (rec.get("task") or {}).get("kind", "lm")
         return {"model": rec.get("name", run_dir.name), "task": "pretraining" if kind == "lm" else kind,
-                "kind": kind, "seed": (rec.get("train") or {}).get("seed")}
+                "kind": kind, "seed": (rec.get("train") or {}).get("seed"),
+                "train_steps": (rec.get("train") or {}).get("steps")}
     return {"model": run_dir.name, "task": "?", "kind": "?", "seed": None}
+
+
+def _check_finished(run_dir: Path, info: dict[str, Any], last: int) -> None:
+    """DataError unless the run is finished: ``finetune.json`` says ``finished`` (its ``final_step`` being the
+    last tracked step), or, for other runs of the loop, the last tracked step is the recipe's
+    ``train.steps`` (the loop always tracks at the end). A folder with neither file is taken as it is."""
+    if "finished" in info:  # finetune.json (written with finished false when a run starts)
+        final = info.get("final_step")
+        if not info["finished"]:
+            at = f"stopped at step {final}" if final is not None else f"last tracked step {last}"
+            raise DataError(f"{run_dir}: unfinished run (finetune.json: finished false, {at}); rerun its command "
+                            f"to continue it (--resume auto)")
+        if final is not None and int(final) != last:
+            raise DataError(f"{run_dir}: finetune.json says finished at step {final} but linearity.jsonl ends at "
+                            f"step {last}")
+        return
+    steps = info.get("train_steps")
+    if steps is not None and last != int(steps):
+        raise DataError(f"{run_dir}: unfinished run (linearity.jsonl ends at step {last}, the recipe has "
+                        f"train.steps={steps})")
 
 
 def read_run(run_dir: str | Path) -> RunSummary:
@@ -96,6 +117,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
     if last == 0:
         raise DataError(f"{lin_path}: only the step-0 line; the run has not tracked after training yet")
     info = _run_info(run_dir)
+    _check_finished(run_dir, info, last)
 
     def means(rec):
         return {m: _finite_mean([layer.get(m) for layer in rec["layers"]]) for m in METRICS}
@@ -158,6 +180,11 @@ def summarize(runs: list[RunSummary]) -> list[dict[str, Any]]:
             raise DataError(f"{model} / {task}: runs measured on different numbers of held-out tokens "
                             f"{sorted(n_tokens)} (track.blocks or validation data differ): "
                             + ", ".join(str(r.run_dir) for r in rs))
+        steps = {r.after_step for r in rs}
+        if len(steps) != 1:  # runs of different lengths: their "after" values do not average
+            raise DataError(f"{model} / {task}: runs end at different steps {sorted(steps)} (train.steps "
+                            f"differ); summarize them separately: "
+                            + ", ".join(f"{r.run_dir} (step {r.after_step})" for r in rs))
         row: dict[str, Any] = {"model": model, "task": task, "kind": rs[0].kind,
                                "seeds": [r.seed for r in rs], "runs": [str(r.run_dir) for r in rs],
                                "steps": sorted({r.after_step for r in rs}), "n_tokens": rs[0].n_tokens,
@@ -293,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="finetune_table", help="output file name stem (default: finetune_table)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--strict", action="store_true",
-                   help="fail on a run folder that cannot be summarized (unfinished, no step-0 line) instead "
-                        "of skipping it with a warning")
+                   help="fail on a run folder that cannot be summarized (unfinished: finetune.json says "
+                        "finished false, or the last tracked step is not the recipe's train.steps; no step-0 "
+                        "line) instead of skipping it with a warning")
     p.add_argument("--quiet", action="store_true", help="do not print the Markdown table")
     return p
 
