@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from linreg.errors import ConfigError, DataError, LinregError
+from linreg.finetune.table import clean_floats  # NaN/inf -> None (one copy, shared with the fine-tune table)
 
 log = logging.getLogger("evals")
 
@@ -217,17 +218,6 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def clean_floats(obj):
-    """NaN/inf -> None, recursively (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: clean_floats(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean_floats(v) for v in obj]
-    return obj
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

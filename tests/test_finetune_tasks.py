@@ -276,6 +276,26 @@ def test_table_skips_unfinished_runs(tmp_path, capsys):
     assert write_table([pre], tmp_path / "t3", plot=False)["rows"][0]["task"] == "pretraining"
 
 
+def test_table_json_is_strict_when_a_seed_lacks_a_metric(tmp_path):
+    """A seed without val/f1 (and a block whose linearity is NaN) gives null in the JSON, never NaN."""
+    from linreg.finetune.table import write_table
+
+    _fake_run(tmp_path / "seed_1", "m", "boolq", 1, [0.8, float("nan")], [0.9, 0.96], 0.7)
+    _fake_run(tmp_path / "seed_2", "m", "boolq", 2, [0.82, 0.88], [0.95, 0.97], 0.8)
+    metrics = tmp_path / "seed_2" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace(', "val/f1": 0.5', ""))
+    write_table([tmp_path], tmp_path / "t", plot=False)
+    text = (tmp_path / "t" / "finetune_table.json").read_text()
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name} in the table")
+
+    (row,) = json.loads(text, parse_constant=refuse)["rows"]
+    assert row["val"]["val/f1"]["values"] == [0.5, None] and row["val"]["val/f1"]["mean"] == 0.5
+    assert row["linearity"]["layers_before"] == [pytest.approx(0.81), None]
+    assert row["linearity"]["before"]["values"] == pytest.approx([0.8, 0.85])  # NaN blocks left out of means
+
+
 def test_table_refuses_runs_of_different_lengths(tmp_path):
     from linreg.errors import DataError
     from linreg.finetune.table import find_runs, read_run, summarize

@@ -125,7 +125,7 @@ def finish_run(recipe, result) -> str | None:
     the loop saved a checkpoint and returned) stays ``finished: false`` and the line says how to continue."""
     if _rank() != 0:
         return None
-    from linreg.finetune.table import read_run
+    from linreg.finetune.table import read_run, strict_json
 
     from linreg.errors import DataError
 
@@ -134,7 +134,7 @@ def finish_run(recipe, result) -> str | None:
     info = json.loads(p.read_text()) if p.is_file() else {}
     done = run_completed(recipe, result)
     info.update({"finished": done, "final_step": result.final_step})
-    p.write_text(json.dumps(info, indent=2) + "\n")
+    p.write_text(strict_json(info, indent=2) + "\n")
     if not done:
         why = "stopped by a signal" if result.interrupted else "stopped early"
         return (f"{run_dir}: {why} after step {result.final_step} of {recipe.train.steps} (checkpoint saved; not "
@@ -144,7 +144,7 @@ def finish_run(recipe, result) -> str | None:
     except DataError as exc:  # tracking off (track.enabled / track.at_start false)
         return f"{run_dir}: finished; no linearity change to report ({exc})"
     info.update({"val": summary.val, "linearity_before": summary.before, "linearity_after": summary.after})
-    p.write_text(json.dumps(info, indent=2) + "\n")
+    p.write_text(strict_json(info, indent=2) + "\n")
     b, a = summary.before, summary.after
     return (f"{summary.model} / {summary.task} seed {summary.seed}: linearity (mean over blocks) "
             f"{b['linearity']:.4f} -> {a['linearity']:.4f} ({a['linearity'] - b['linearity']:+.4f}); "

@@ -19,7 +19,8 @@ from typing import Any
 
 from linreg.errors import DataError, LinregError
 
-__all__ = ["RunSummary", "read_run", "find_runs", "summarize", "to_markdown", "plot_table", "write_table", "main"]
+__all__ = ["RunSummary", "read_run", "find_runs", "summarize", "to_markdown", "plot_table", "write_table", "main",
+           "clean_floats", "strict_json"]
 
 METRICS = ("linearity", "linearity_wo_residual")
 
@@ -43,6 +44,23 @@ class RunSummary:
 
     def delta(self, metric: str) -> float:
         return self.after[metric] - self.before[metric]
+
+
+def clean_floats(obj):
+    """NaN/inf -> None, recursively through dicts, lists and tuples (strict JSON has no NaN). Shared with
+    ``evals.common`` (its result files)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_floats(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, **kwargs) -> str:
+    """``json.dumps`` of ``obj`` with NaN/inf written as null (standard JSON every reader accepts)."""
+    return json.dumps(clean_floats(obj), allow_nan=False, **kwargs)
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -294,7 +312,7 @@ def write_table(run_dirs: list[str | Path], out_dir: str | Path, name: str = "fi
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / f"{name}.md", "json": out / f"{name}.json"}
     paths["markdown"].write_text(md)
-    paths["json"].write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2) + "\n")
+    paths["json"].write_text(strict_json({"rows": rows, "skipped": skipped}, indent=2) + "\n")  # NaN -> null
     if plot:
         paths["png"] = plot_table(rows, out / f"{name}.png")
     return {"rows": rows, "markdown": md, "paths": paths, "skipped": skipped}
