@@ -104,9 +104,18 @@ def test_bad_values_reported_with_file_and_line(tmp_path):
         load_task_data(opts(train_file=str(tmp_path / "nope.jsonl"), val_fraction=0.1), "classification")
 
 
-def test_option_errors():
+def test_option_errors(tmp_path):
     with pytest.raises(ConfigError, match="validation_file or val_fraction"):
         opts(train_file="x.jsonl")
+    # the hub data sets (and synthetic) read from a local train_file need a local validation split too
+    train = write_jsonl(tmp_path / "bq.jsonl", [{"question": "q", "passage": "p", "label": 1},
+                                                {"question": "q2", "passage": "p2", "label": 0}])
+    for dataset in ("boolq", "multirc", "cb", "hh-helpful", "synthetic"):
+        with pytest.raises(ConfigError, match=rf"train_file \(dataset '{dataset}'\) needs validation_file or "
+                                              rf"val_fraction"):
+            opts(dataset=dataset, train_file=str(train))
+    data = load_task_data(opts(dataset="boolq", train_file=str(train), val_fraction=0.5), "classification")
+    assert len(data.train) == 1 and len(data.validation) == 1
     with pytest.raises(ConfigError, match="needs a local JSONL"):
         opts(dataset="jsonl")
     with pytest.raises(ConfigError, match="reward data set; task.kind is 'classification'"):

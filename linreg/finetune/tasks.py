@@ -97,9 +97,11 @@ class FinetuneOptions:
             raise ConfigError(f"{path}: give validation_file or val_fraction, not both")
         if self.dataset == "jsonl" and self.train_file is None:
             raise ConfigError(f"{path}.train_file: dataset 'jsonl' needs a local JSONL file")
-        if self.dataset == "jsonl" and self.validation_file is None and self.val_fraction is None:
-            raise ConfigError(f"{path}: dataset 'jsonl' needs validation_file or val_fraction (task metrics "
-                              f"and the linearity tracking use held-out examples)")
+        if self.train_file is not None and self.validation_file is None and self.val_fraction is None:
+            # every data set read from a local file (jsonl, or boolq/multirc/cb/hh-helpful/synthetic with
+            # train_file): the validation split cannot come from the hub
+            raise ConfigError(f"{path}: train_file (dataset {self.dataset!r}) needs validation_file or "
+                              f"val_fraction (task metrics and the linearity tracking use held-out examples)")
         if self.validation_file is not None and self.train_file is None:
             raise ConfigError(f"{path}.validation_file: only together with train_file")
         for name in ("num_labels", "max_train_examples", "max_eval_examples", "synthetic_train",
