@@ -244,7 +244,10 @@ def extract_features(model, tokenizer, texts: list[str], *, pooling=POOLINGS, ba
 
     Batched; texts are sorted by length so batches pad little, and results come back in input
     order. Long texts are truncated from the left (the ending is what matters). ``last`` takes the
-    last real token (works with left or right padding), ``mean`` averages over real tokens.
+    last real token, ``mean`` averages over real tokens. Batches are padded on the right whatever the
+    tokenizer's ``padding_side`` (restored afterwards): with causal attention the real tokens then see
+    exactly the positions and context they have alone, also in models with absolute position
+    embeddings (GPT-2, OPT), which left padding would shift.
     """
     import torch
     from tqdm.auto import tqdm
@@ -255,7 +258,9 @@ def extract_features(model, tokenizer, texts: list[str], *, pooling=POOLINGS, ba
     if not texts:
         raise DataError("no texts to extract features from")
     old_side = getattr(tokenizer, "truncation_side", "right")
+    old_padding = getattr(tokenizer, "padding_side", "right")
     tokenizer.truncation_side = "left"
+    tokenizer.padding_side = "right"  # real tokens at positions 0..n-1, as without padding
     try:
         lengths = [len(t) for t in texts]
         order = np.argsort(lengths, kind="stable")[::-1]
@@ -290,6 +295,7 @@ def extract_features(model, tokenizer, texts: list[str], *, pooling=POOLINGS, ba
         bar.close()
     finally:
         tokenizer.truncation_side = old_side
+        tokenizer.padding_side = old_padding
     return out
 
 

@@ -105,14 +105,21 @@ def tiny_models(tmp_path_factory):
     return [build_tiny_lm(root / "baseline", layers=2, seed=0), build_tiny_lm(root / "cosine", layers=3, seed=1)]
 
 
-def test_batched_features_match_unbatched_float64_reference(tiny_models):
+@pytest.mark.parametrize("arch", ["mistral", "gpt2"])  # rotary and absolute position embeddings
+def test_batched_features_match_unbatched_float64_reference(arch, tiny_models, tmp_path):
     import torch
 
     from evals.common import load_model_and_tokenizer
+    from tests.eval_helpers import build_tiny_lm
 
-    model, tok = load_model_and_tokenizer(str(tiny_models[0]), dtype="float32", device="cpu")
+    path = tiny_models[0] if arch == "mistral" else build_tiny_lm(tmp_path / "gpt2", arch="gpt2", layers=2)
+    model, tok = load_model_and_tokenizer(str(path), dtype="float32", device="cpu")
     texts = ["Once upon a time", "The cat sat on the mat and looked at the ball.", "Tom", "Lily and Ben went"]
     feats = lp.extract_features(model, tok, texts, batch_size=3, progress=False)
+    # a tokenizer set to left padding gives the same features (each text unpadded at positions 0..n-1)
+    tok.padding_side = "left"
+    feats_left = lp.extract_features(model, tok, texts, batch_size=4, progress=False)
+    assert tok.padding_side == "left"  # restored
     model64 = model.to(torch.float64)
     for i, text in enumerate(texts):
         enc = tok(text, return_tensors="pt")
@@ -120,13 +127,9 @@ def test_batched_features_match_unbatched_float64_reference(tiny_models):
             hs = model64(**enc, output_hidden_states=True).hidden_states
         ref_last = np.stack([h[0, -1].numpy() for h in hs])
         ref_mean = np.stack([h[0].mean(0).numpy() for h in hs])
-        np.testing.assert_allclose(feats["last"][:, i], ref_last, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(feats["mean"][:, i], ref_mean, rtol=1e-4, atol=1e-4)
-    # left padding gives the same last-token features
-    tok.padding_side = "left"
-    feats_left = lp.extract_features(model.to(torch.float32), tok, texts, batch_size=4, pooling=("last",),
-                                     progress=False)
-    np.testing.assert_allclose(feats_left["last"], feats["last"], rtol=1e-4, atol=1e-4)
+        for f in (feats, feats_left):
+            np.testing.assert_allclose(f["last"][:, i], ref_last, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(f["mean"][:, i], ref_mean, rtol=1e-4, atol=1e-4)
 
 
 def test_cli_end_to_end_on_tiny_mistral(tmp_path, tiny_models):
