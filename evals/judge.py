@@ -207,10 +207,11 @@ def generate_completions(model, tokenizer, beginnings: list[dict], *, n_per_prom
 # --------------------------------------------------------------------------------------------
 # reply parsing
 # --------------------------------------------------------------------------------------------
-def _first_json_object(text: str) -> dict | None:
+def _json_objects(text: str):
+    """Every top-level JSON object (a dict) embedded in ``text``, in order."""
     start = text.find("{")
     while start != -1:
-        depth, in_str, esc = 0, False, False
+        depth, in_str, esc, end = 0, False, False, None
         for i in range(start, len(text)):
             c = text[i]
             if in_str:
@@ -232,17 +233,21 @@ def _first_json_object(text: str) -> dict | None:
                     except json.JSONDecodeError:
                         break
                     if isinstance(obj, dict):
-                        return obj
+                        yield obj
+                        end = i + 1
                     break
-        start = text.find("{", start + 1)
-    return None
+        start = text.find("{", end if end is not None else start + 1)
+
+
+_OUT_OF_10 = r"(?:\s*(?:/|out\s+of)\s*10(?![\d.]))?"  # "7/10", "7 out of 10"
 
 
 def _grade(v) -> float | None:
+    """A grade in 0..10 from a number or a string such as "7", "7/10", "7 out of 10"; else None."""
     if isinstance(v, bool):
         return None
     if isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*", v)
+        m = re.fullmatch(rf"\s*(\d+(?:\.\d+)?){_OUT_OF_10}\s*\.?\s*", v, re.I)
         if not m:
             return None
         v = float(m.group(1))
@@ -251,36 +256,98 @@ def _grade(v) -> float | None:
     return None
 
 
+def _age_ranges() -> dict[str, tuple[int, int]]:
+    """Ages covered by each group of AGE_GROUPS ("3 or under" -> (0, 3), "4-5" -> (4, 5))."""
+    out = {}
+    for letter, desc in AGE_GROUPS.items():
+        nums = [int(n) for n in re.findall(r"\d+", desc)]
+        out[letter] = (0, nums[0]) if "under" in desc else (min(nums), max(nums))
+    return out
+
+
+AGE_RANGES = _age_ranges()
+
+
+def _age_group(value) -> str | None:
+    """The age-group letter A-F from what a grader wrote: "C", "(C)", "C: 6-7", "Age group: C", "group C",
+    an age range or age ("6-7", "6 to 7 years", 7, "3 or under") mapped to the group that holds it, or one
+    standalone capital letter A-F. None when nothing (or something ambiguous) is found."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        value = str(int(value)) if float(value).is_integer() else str(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    m = re.fullmatch(r"\(?([A-Fa-f])\)?[.:]?", text)  # just the letter
+    if m:
+        return m.group(1).upper()
+    m = re.match(r"\(?([A-F])(?:\)|\s*[:.]|\s*[-\u2013(]|\s*$)", text)  # "C: 6-7", "(C) 6-7", "C (6-7)"
+    if m:
+        return m.group(1)
+    m = re.search(r"\bgroup\W{0,3}([A-Fa-f])\b", text, re.I)  # "Age group: C"
+    if m:
+        return m.group(1).upper()
+    nums = [int(n) for n in re.findall(r"\d+", text)]
+    if nums:
+        lo, hi = min(nums), max(nums)
+        found = [g for g, (a, b) in AGE_RANGES.items() if a <= lo and hi <= b]
+        return found[0] if len(found) == 1 else None
+    letters = set(re.findall(r"\b([A-F])\b", text))
+    return letters.pop() if len(letters) == 1 else None
+
+
+def _grades_from_object(obj: dict) -> tuple[dict, object, object]:
+    """(grades by category, age value, assessment) from a reply object; the keys may sit one level down,
+    e.g. ``{"grades": {"grammar": 8, ...}, "age_group": "C"}`` (top-level keys win)."""
+    lower = {str(k).lower().strip(): v for k, v in obj.items()}
+    for v in obj.values():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                lower.setdefault(str(k2).lower().strip(), v2)
+    grades = {cat: _grade(lower.get(cat)) for cat in CATEGORIES}
+    age = next((lower[k] for k in ("age_group", "age group", "agegroup", "age") if k in lower), None)
+    return grades, age, lower.get("assessment")
+
+
+def _grades_from_lines(reply: str) -> tuple[dict, object]:
+    """``name: N`` / ``name - N/10`` / ``name: N out of 10`` lines and an ``Age group: ...`` line."""
+    grades = {}
+    for cat in CATEGORIES:
+        m = re.search(rf"\b{cat}\b(?:\s+(?:score|grade|rating))?\W{{0,5}}(\d+(?:\.\d+)?){_OUT_OF_10}", reply, re.I)
+        grades[cat] = _grade(m.group(1)) if m else None
+    m = re.search(r"\bage[ _]?group\b\W{0,5}([^\n]*)", reply, re.I) or re.search(r"\bage\b\W{0,5}([^\n]*)", reply,
+                                                                                    re.I)
+    return grades, (m.group(1) if m else None)
+
+
 def parse_grades(reply: str) -> dict | None:
-    """Grades from a grader reply: the JSON object the prompt asks for, else ``name: N(/10)`` lines.
+    """Grades from a grader reply: the JSON object the prompt asks for (keys possibly one level down),
+    else ``name: N`` lines (``N``, ``N/10`` or ``N out of 10``).
 
     Returns ``{"grammar", "creativity", "consistency", "plot", "age_group", "assessment"}`` (grades as
-    floats in 0..10, age group a letter A-F or None) or None when any grade is missing.
+    floats in 0..10, age group a letter A-F or None) or None when any grade is missing. A reply whose
+    JSON object holds an out-of-range or unreadable grade is refused (None), not read some other way.
     """
     if not isinstance(reply, str) or not reply.strip():
         return None
-    obj = _first_json_object(reply)
-    grades: dict = {}
-    if obj is not None:
-        lower = {str(k).lower().strip(): v for k, v in obj.items()}
-        for cat in CATEGORIES:
-            grades[cat] = _grade(lower.get(cat))
-        age = lower.get("age_group", lower.get("age group", lower.get("age")))
-        assessment = lower.get("assessment")
-    else:
-        for cat in CATEGORIES:
-            m = re.search(rf"\b{cat}\b\W{{0,5}}(\d+(?:\.\d+)?)\s*(?:/\s*10)?", reply, re.I)
-            grades[cat] = _grade(m.group(1)) if m else None
-        m = re.search(r"age[ _]group\W{0,5}([A-F])\b", reply, re.I)
-        age = m.group(1) if m else None
-        assessment = None
-    if any(grades[c] is None for c in CATEGORIES):
-        return None
-    letter = None
-    if isinstance(age, str):
-        m = re.match(r"\s*\(?([A-Fa-f])\b", age)
-        letter = m.group(1).upper() if m else None
-    grades["age_group"] = letter
+    result = None
+    for obj in _json_objects(reply):
+        grades, age, assessment = _grades_from_object(obj)
+        if all(grades[c] is not None for c in CATEGORIES):
+            result = grades, age, assessment
+            break
+        lower = {str(k).lower().strip() for k in obj} | {str(k).lower().strip() for v in obj.values()
+                                                        if isinstance(v, dict) for k in v}
+        if any(c in lower and grades[c] is None for c in CATEGORIES):
+            return None  # a grade is there but out of range or not a number: malformed
+    if result is None:  # no JSON object with the four grades: look for lines
+        grades, age = _grades_from_lines(reply)
+        if any(grades[c] is None for c in CATEGORIES):
+            return None
+        result = grades, age, None
+    grades, age, assessment = result
+    grades["age_group"] = _age_group(age)
     grades["assessment"] = assessment if isinstance(assessment, str) else None
     return grades
 

@@ -149,6 +149,49 @@ def test_parse_grades_variants():
     assert judge.parse_grades("") is None
 
 
+def test_parse_grades_nesting_out_of_10_age_ranges_and_letters():
+    """Reply shapes seen from real graders: grades one level down, "N out of 10", age ranges and
+    "Age group: C"; still refusing replies with a missing or out-of-range grade."""
+    want = {"grammar": 8.0, "creativity": 7.0, "consistency": 6.0, "plot": 9.0}
+
+    def grades(r):
+        return {c: r[c] for c in judge.CATEGORIES}
+
+    nested = judge.parse_grades('{"assessment": "Fine.", "grades": {"grammar": 8, "creativity": 7, '
+                                '"consistency": 6, "plot": 9}, "age_group": "C"}')
+    assert grades(nested) == want and nested["age_group"] == "C" and nested["assessment"] == "Fine."
+    nested_age = judge.parse_grades('{"scores": {"Grammar": 8, "Creativity": 7, "Consistency": 6, "Plot": 9, '
+                                    '"Age group": "D"}}')
+    assert grades(nested_age) == want and nested_age["age_group"] == "D"
+    out_of = judge.parse_grades('{"grammar": "8 out of 10", "creativity": "7/10", "consistency": 6, '
+                                '"plot": "9 out of 10", "age_group": "6-7"}')
+    assert grades(out_of) == want and out_of["age_group"] == "C"
+    lines = judge.parse_grades("Grammar: 8 out of 10\nCreativity: 7 out of 10\nConsistency: 6/10\n"
+                               "Plot score: 9\nAge group: 10-12")
+    assert grades(lines) == want and lines["age_group"] == "E"
+    for age, letter in [("Age group: C", "C"), ("6-7", "C"), ("6 to 7 years", "C"), ("(B)", "B"), ("b", "B"),
+                        ("F: 13-16", "F"), ("3 or under", "A"), (9, "D"), ("about 11 years old", "E"),
+                        ("8-10", None), ("17", None), ("unknown", None)]:
+        r = judge.parse_grades(json.dumps({"grammar": 8, "creativity": 7, "consistency": 6, "plot": 9,
+                                           "age_group": age}))
+        assert r["age_group"] == letter, age
+    # a JSON object without the grades (an echoed example, a note) does not hide the lines after it
+    mixed = judge.parse_grades('Note {"format": "json"} follows.\nGrammar: 8\nCreativity: 7\nConsistency: 6\n'
+                               'Plot: 9\nAge group: B')
+    assert grades(mixed) == want and mixed["age_group"] == "B"
+    assert grades(judge.parse_grades('{"note": 1} {"grammar": 8, "creativity": 7, "consistency": 6, "plot": 9}')) \
+        == want
+    # still refused: a missing category, an out-of-range grade (also nested or "out of 10"), a JSON grade
+    # that is out of range even if lines elsewhere look fine
+    assert judge.parse_grades('{"grades": {"grammar": 8, "creativity": 7, "consistency": 6}}') is None
+    assert judge.parse_grades('{"grades": {"grammar": 12, "creativity": 7, "consistency": 6, "plot": 9}}') is None
+    assert judge.parse_grades('{"grammar": "11 out of 10", "creativity": 7, "consistency": 6, "plot": 9}') is None
+    assert judge.parse_grades('{"grammar": "7 out of 5", "creativity": 7, "consistency": 6, "plot": 9}') is None
+    assert judge.parse_grades("Grammar: 8\nCreativity: 7\nConsistency: 6\nPlot: 14 out of 10") is None
+    assert judge.parse_grades('Grammar: 8\nCreativity: 7\nConsistency: 6\nPlot: 9\n'
+                              '{"grammar": 18, "creativity": 7, "consistency": 6, "plot": 9}') is None
+
+
 def test_prompt_and_beginnings_resources(tmp_path):
     p = judge.load_judge_prompt()
     assert p.version == "1" and "***" in p.user
