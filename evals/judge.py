@@ -8,8 +8,8 @@ age group. The grading prompt is ``evals/resources/judge_prompt_v1.txt`` (versio
 Plumbing: the real ``openai`` client (``AsyncOpenAI`` with its own retries off) against any
 OpenAI-compatible server; at most ``concurrency`` requests in flight; retries with exponential
 backoff and jitter on 429, 408/409, 5xx, timeouts and connection errors (``Retry-After`` honoured);
-a request timeout; an on-disk cache keyed by the SHA-256 of (model, messages, params) so a rerun pays
-nothing twice; token usage counted (fresh and cached separately). A reply that does not parse is
+a request timeout; an on-disk cache keyed by the SHA-256 of (model, messages, params, server: a hash
+of the normalised base URL) so a rerun pays nothing twice; token usage counted (fresh and cached separately). A reply that does not parse is
 retried once (with a reminder of the format); if that fails too the record is kept as unparsed, left
 out of the means and counted. The API key never reaches logs, outputs, cache files or error messages.
 """
@@ -394,9 +394,39 @@ class Redactor(logging.Filter):
             h.removeFilter(self)
 
 
-def request_key(request: dict) -> str:
-    """SHA-256 of the canonical JSON of {model, messages, params}."""
-    blob = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"  # what the openai client uses without a base URL
+
+
+def normalize_base_url(base_url: str | None) -> str:
+    """The server part of a base URL that tells servers apart: scheme, host, port (default ports dropped)
+    and path, lower-cased host, no trailing slash; user name, password, query and fragment removed (they
+    may hold credentials). None means OpenAI's default."""
+    from urllib.parse import urlsplit
+
+    url = (base_url or OPENAI_DEFAULT_BASE_URL).strip()
+    parts = urlsplit(url if "://" in url else "https://" + url)
+    scheme = (parts.scheme or "https").lower()
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and (scheme, port) not in (("http", 80), ("https", 443)):
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def server_id(base_url: str | None) -> str:
+    """SHA-256 of :func:`normalize_base_url`: part of the cache key, so that two servers serving a model of
+    the same name do not share cached grades (the URL itself is never stored)."""
+    return hashlib.sha256(normalize_base_url(base_url).encode("utf-8")).hexdigest()
+
+
+def request_key(request: dict, server: str | None = None) -> str:
+    """SHA-256 of the canonical JSON of {model, messages, params}, plus the :func:`server_id` when given."""
+    blob = json.dumps(request if server is None else {**request, "server": server}, sort_keys=True,
+                      ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -514,6 +544,7 @@ class Grader:
         self.prompt = prompt or load_judge_prompt()
         self.cache = ResponseCache(self.config.cache_dir)
         self.redact = Redactor([self.config.api_key])
+        self._server = server_id(self.config.base_url)
         self.stats = UsageStats()
         self._client = None
         self._sem: asyncio.Semaphore | None = None
@@ -544,7 +575,7 @@ class Grader:
         import openai
 
         request = {"model": self.config.model, "messages": messages, "params": self.config.params()}
-        key = request_key(request)
+        key = request_key(request, self._server)  # the file stores the request, not the server
         hit = self.cache.get(key)
         if hit is not None:
             usage = hit.get("usage") or {}

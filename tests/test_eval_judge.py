@@ -218,6 +218,29 @@ def test_cache_key_depends_on_model_messages_params():
     assert k != judge.request_key({**base, "messages": [{"role": "user", "content": "y"}]})
 
 
+def test_cache_is_per_server(tmp_path):
+    """The same request to two servers (same model name) is sent to both and cached twice; URLs that differ
+    only in credentials, query, case or a trailing slash are one server; no URL is written to the cache."""
+    cache = tmp_path / "cache"
+    recs = [_rec("m", 0, "[[grades 7 5 8 6 C]]")]
+    with GradingServer() as a, GradingServer() as b:
+        cfg = judge.JudgeConfig(model="same-name", api_key=KEY, cache_dir=str(cache))
+        ga, sa = judge.grade_records(recs, judge.JudgeConfig(**{**vars(cfg), "base_url": a.url}), progress=False)
+        gb, sb = judge.grade_records(recs, judge.JudgeConfig(**{**vars(cfg), "base_url": b.url}), progress=False)
+        assert a.n_requests == 1 and b.n_requests == 1
+        assert sa.cache_hits == 0 and sb.cache_hits == 0 and sb.requests_sent == 1
+        assert len(list(cache.rglob("*.json"))) == 2
+        same_a = a.url.replace("http://127.0.0.1", "http://someone:secret@127.0.0.1") + "/?token=zz#x"
+        gc, sc = judge.grade_records(recs, judge.JudgeConfig(**{**vars(cfg), "base_url": same_a}), progress=False)
+        assert sc.cache_hits == 1 and a.n_requests == 1 and gc[0]["grades"] == ga[0]["grades"]
+        assert len(list(cache.rglob("*.json"))) == 2
+        for f in cache.rglob("*.json"):
+            text = f.read_text()
+            assert "127.0.0.1" not in text and "secret" not in text and "token=" not in text
+    assert judge.normalize_base_url("HTTPS://u:p@API.example.com:443/v1/?k=1") == "https://api.example.com/v1"
+    assert judge.normalize_base_url(None) == judge.normalize_base_url("https://api.openai.com/v1/")
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from tests.eval_helpers import build_tiny_lm
