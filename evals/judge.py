@@ -868,6 +868,16 @@ def main(argv: list[str] | None = None) -> int:
         if clash:
             raise ConfigError(f"labels {clash} name both a --model and completions in --completions; "
                               "rename with --label")
+        cfg = resolved = None
+        if not args.generate_only:  # grader settings (API key ...) checked before any generation
+            cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+            cfg = JudgeConfig(model=args.judge_model or os.environ.get("LINREG_JUDGE_MODEL") or DEFAULT_JUDGE_MODEL,
+                              base_url=args.base_url, api_key=args.api_key, concurrency=args.concurrency,
+                              max_retries=args.max_retries, timeout=args.timeout, backoff_base=args.backoff_base,
+                              backoff_max=args.backoff_max, temperature=args.judge_temperature,
+                              max_tokens=args.judge_max_tokens, token_param=args.token_param,
+                              seed=args.judge_seed, cache_dir=str(cache_dir) if cache_dir else None)
+            resolved = cfg.resolved()
         if args.model:
             beginnings = load_beginnings(args.prompts)[: args.limit_prompts or None]
             generated = []
@@ -887,15 +897,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quiet:
                 print(f"wrote {len(records)} completions to {out_dir / 'completions.jsonl'}")
             return 0
-        cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
-        cfg = JudgeConfig(model=args.judge_model or os.environ.get("LINREG_JUDGE_MODEL") or DEFAULT_JUDGE_MODEL,
-                          base_url=args.base_url, api_key=args.api_key, concurrency=args.concurrency,
-                          max_retries=args.max_retries, timeout=args.timeout, backoff_base=args.backoff_base,
-                          backoff_max=args.backoff_max, temperature=args.judge_temperature,
-                          max_tokens=args.judge_max_tokens, token_param=args.token_param, seed=args.judge_seed,
-                          cache_dir=str(cache_dir) if cache_dir else None)
         graded, stats = grade_records(records, cfg, prompt, progress=not args.no_progress)
-        resolved = cfg.resolved()
         result = {
             "kind": "judge",
             "version": 1,

@@ -265,6 +265,20 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_model):
     assert [(r["prompt_id"], r["sample"]) for r in sampled] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
 
 
+def test_missing_key_stops_before_generating(tmp_path, tiny_model, monkeypatch, capsys):
+    """Without an API key the command fails before loading a model or generating (no completions.jsonl);
+    --generate-only needs no key."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model), "--limit-prompts", "2", "--max-new-tokens", "3", "--no-cache", "-o", str(out),
+            "--no-progress", "-q"]
+    assert judge.main(argv) == 2
+    assert "no API key" in capsys.readouterr().err
+    assert not (out / "completions.jsonl").exists()
+    assert judge.main(argv + ["--generate-only"]) == 0
+    assert len((out / "completions.jsonl").read_text().splitlines()) == 2
+
+
 def test_cli_generates_and_grades(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     prompts = tmp_path / "p.jsonl"
