@@ -305,6 +305,32 @@ def test_table_json_is_strict_when_a_seed_lacks_a_metric(tmp_path):
     assert row["linearity"]["before"]["values"] == pytest.approx([0.8, 0.85])  # NaN blocks left out of means
 
 
+def test_finish_run_marks_only_completed_runs_finished(tmp_path):
+    """finish_run / run_completed on the training loop's RunResult: a run stopped by a signal (or short of
+    train.steps) stays unfinished and the line says how to continue; a completed one is marked finished."""
+    from types import SimpleNamespace
+
+    from linreg.finetune.sweep import finish_run, run_completed
+    from linreg.train.loop import RunResult
+
+    run = tmp_path / "seed_1"
+    _fake_run(run, "m", "boolq", 1, [0.8, 0.9], [0.9, 0.96], 0.7, finished=False)
+    recipe = SimpleNamespace(run_dir=run, train=SimpleNamespace(steps=20))
+    for result in (RunResult(run, final_step=10, interrupted=True), RunResult(run, final_step=20, interrupted=True),
+                   RunResult(run, final_step=12)):
+        assert not run_completed(recipe, result)
+        line = finish_run(recipe, result)
+        assert f"after step {result.final_step} of 20" in line and "--resume auto" in line
+        info = json.loads((run / "finetune.json").read_text())
+        assert info["finished"] is False and info["final_step"] == result.final_step and "val" not in info
+    done = RunResult(run, final_step=20)
+    assert run_completed(recipe, done)
+    line = finish_run(recipe, done)
+    info = json.loads((run / "finetune.json").read_text())
+    assert info["finished"] is True and info["final_step"] == 20 and info["val"]["val/accuracy"] == 0.7
+    assert "linearity (mean over blocks) 0.8500 -> 0.9300" in line
+
+
 def test_table_refuses_runs_of_different_lengths(tmp_path):
     from linreg.errors import DataError
     from linreg.finetune.table import find_runs, read_run, summarize
