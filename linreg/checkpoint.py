@@ -3,6 +3,10 @@
 A checkpoint is ``checkpoints/step_N/`` written by ``engine.save_checkpoint`` on every rank; after all
 ranks are done, rank 0 writes ``step_N/COMPLETE``. Resuming only ever picks a folder with that marker,
 so a save that a crash (or SIGKILL) interrupted is skipped with a message and the previous one is used.
+Saving over an existing ``step_N`` (a resumed run passing a step whose save had been cut short) first
+deletes it, marker first; removing an old checkpoint also deletes the marker first, then the folder and
+its ``step_N_universal`` copy. A run never starts below complete checkpoints of an earlier run in the same
+folder (:func:`refuse_newer_checkpoints`).
 
 Every checkpoint read (resume, universal conversion, ``linreg analyze --checkpoints``) goes through
 :func:`safe_torch_load`: ``torch.load`` with ``weights_only=True``, DeepSpeed's own reads included, so a
@@ -66,9 +70,24 @@ def mark_complete(path: Path, step: int, extra: dict | None = None) -> None:
     tmp.rename(Path(path) / MARKER)
 
 
+def universal_dir(path: Path) -> Path:
+    """The universal-format copy of ``step_N`` made when a run resumes on another rank count."""
+    return Path(path).with_name(Path(path).name + "_universal")
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder, its ``COMPLETE`` marker first (a deletion cut short leaves a folder that
+    resume skips as incomplete, never one that looks complete), and its universal copy."""
+    path = Path(path)
+    for folder in (path, universal_dir(path)):
+        (folder / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(universal_dir(path).with_name(universal_dir(path).name + ".tmp"), ignore_errors=True)
+
+
 def remove_old(ckpt_root: Path, keep_last: int, log=print) -> None:
     """Keep the newest ``keep_last`` complete checkpoints; incomplete ones older than the newest complete
-    one are removed too (they can never be resumed from)."""
+    one are removed too (they can never be resumed from). Removed ones lose their universal copy too."""
     if keep_last <= 0:
         return
     found = list_checkpoints(ckpt_root)
@@ -80,27 +99,56 @@ def remove_old(ckpt_root: Path, keep_last: int, log=print) -> None:
     for step, path, c in found:
         if step in keep or (not c and step > newest):
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        remove_checkpoint(path)
         log(f"removed old checkpoint {path}")
 
 
+def refuse_newer_checkpoints(ckpt_root: Path, start_step: int) -> None:
+    """A run that starts at ``start_step`` (fresh: 0, or an explicit older ``--resume``) in a folder that
+    holds complete checkpoints of later steps would mix two runs: keep-last-k would delete the new run's
+    checkpoints as the oldest, and a later ``--resume auto`` would continue the old run. Refuse instead."""
+    newer = [path for step, path, complete in list_checkpoints(ckpt_root) if complete and step > start_step]
+    if not newer:
+        return
+    names = ", ".join(p.name for p in newer)
+    where = "a fresh start" if start_step == 0 else f"a start from step {start_step}"
+    raise CheckpointError(
+        f"{Path(ckpt_root)} holds complete checkpoints newer than {where}: {names} (an earlier run). Continuing "
+        f"would mix the two runs (old-checkpoint removal and --resume auto go by step number). Use a new "
+        f"--output-dir, continue the newest with --resume auto, or move those folders out of "
+        f"{Path(ckpt_root)} (e.g. mv {newer[-1]} {Path(ckpt_root).parent / 'old-checkpoints'}/) and start again")
+
+
 def rng_state() -> dict:
+    """This process's RNG states. CUDA: only the current device's generator (the one this rank uses), so
+    the state restores on a machine with fewer visible devices."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def cuda_state_for_device(saved, device_index: int):
+    """The CUDA generator state to restore on ``device_index`` from a saved ``"cuda"`` entry: a single
+    state (current format), or the list of every visible device's state that older checkpoints hold (the
+    entry of this device, or None when the saving machine had fewer devices)."""
+    if isinstance(saved, (list, tuple)):
+        return saved[device_index] if 0 <= device_index < len(saved) else None
+    return saved
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda = cuda_state_for_device(state["cuda"], torch.cuda.current_device())
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def resolve_resume(arg: str | None, ckpt_root: Path, log=print) -> tuple[int, Path] | None:
