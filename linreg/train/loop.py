@@ -8,6 +8,7 @@ guard and the Hugging Face export. What is trained comes from an objective (``li
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -74,16 +75,81 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DIST_TIMEOUT_ENV = "LINREG_DIST_TIMEOUT_MIN"
+DEFAULT_DIST_TIMEOUT_MIN = 120.0
+
+
+def dist_timeout(env=None) -> datetime.timedelta:
+    """Timeout of the process group's collectives and barriers: ``LINREG_DIST_TIMEOUT_MIN`` minutes, else
+    DeepSpeed's ``DEEPSPEED_TIMEOUT``, else 120. Long, because every other rank waits in a barrier while
+    rank 0 prepares the data (hub download, BPE training, tokenization) or converts a checkpoint to the
+    universal format; DeepSpeed's own default of 10 minutes is far too short for a cold first run."""
+    env = os.environ if env is None else env
+    for key in (DIST_TIMEOUT_ENV, "DEEPSPEED_TIMEOUT"):
+        raw = env.get(key)
+        if raw in (None, ""):
+            continue
+        try:
+            minutes = float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected a number of minutes") from None
+        if not minutes > 0 or math.isinf(minutes):
+            raise ConfigError(f"{key}={raw!r}: must be a positive number of minutes")
+        return datetime.timedelta(minutes=minutes)
+    return datetime.timedelta(minutes=DEFAULT_DIST_TIMEOUT_MIN)
+
+
+def local_device_index(env, device_count: int) -> int | None:
+    """Accelerator index of this process: ``LOCAL_RANK`` (what the launcher sets per node), or None when
+    the machine has no accelerator device (CPU ranks)."""
+    if device_count <= 0:
+        return None
+    raw = env.get("LOCAL_RANK", "0")
+    try:
+        index = int(raw)
+    except ValueError:
+        raise ConfigError(f"LOCAL_RANK={raw!r} is not an integer") from None
+    if index < 0:
+        raise ConfigError(f"LOCAL_RANK={index} is negative")
+    if index >= device_count:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            f"LOCAL_RANK={index} but this process sees only {device_count} device(s)"
+            f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}: start at most "
+            f"{device_count} rank(s) per node, each seeing all of the node's devices")
+    return index
+
+
+def local_device() -> torch.device:
+    """The device of this rank: accelerator ``LOCAL_RANK``, made the current device (DeepSpeed puts the
+    model there too), or the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    index = local_device_index(os.environ, acc.device_count())
+    if index is None:
+        return torch.device(acc.current_device_name())
+    acc.set_device(index)
+    return torch.device(acc.device_name(index))
+
+
 def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed; a plain ``python`` start becomes a 1-rank world."""
+    """Initialise torch.distributed through DeepSpeed; a plain ``python`` start becomes a 1-rank world.
+
+    The rank's accelerator device (``LOCAL_RANK``) is made current first, so that NCCL and every
+    ``torch.cuda`` call of this process use the device DeepSpeed puts the model on."""
     import deepspeed
     import torch.distributed as dist
 
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    timeout = dist_timeout()
+    local_device()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_init_required=True, verbose=False)
+        deepspeed.init_distributed(dist_init_required=True, verbose=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -161,14 +227,13 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
         from linreg.dsconfig import fill_ds_config, load_ds_config, resolve_precision, zero_stage
         from linreg.train.objectives import RunContext, objective_class
 
         r = self.recipe
         self.rank, self.world = init_distributed()
-        self.device = torch.device(get_accelerator().current_device_name())
+        self.device = local_device()  # accelerator LOCAL_RANK (current device from here on), or the CPU
         precision = resolve_precision(r.train.precision, self.device.type)
         if precision != "fp32" and self.device.type == "cpu":
             raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
@@ -183,6 +248,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.barrier()
         self.resume = ckpt.resolve_resume(self.resume_arg, self.ckpt_root, log=self.log)
+        # a fresh start, or an explicit older --resume, below an earlier run's checkpoints is refused
+        ckpt.refuse_newer_checkpoints(self.ckpt_root, self.resume[0] if self.resume is not None else 0)
         if self.resume is not None:
             self._maybe_universal(self.resume)
 
@@ -228,7 +295,12 @@ class Trainer:
         from linreg.model import flops_per_token, peak_flops_per_device
 
         cfg = self.objective.model_config()
-        self.flops_per_token = flops_per_token(cfg, r.train.seq_len) if cfg is not None else None
+        self.flops_per_token = None
+        if cfg is not None:
+            self.flops_per_token = flops_per_token(cfg, r.train.seq_len, counts=self.param_counts)
+            if self.flops_per_token is None:
+                self.log(f"MFU not logged: no FLOPs-per-token count for model type "
+                         f"{getattr(cfg, 'model_type', type(cfg).__name__)!r}")
         self.peak_flops = peak_flops_per_device(r.train.peak_tflops)
 
     def _maybe_universal(self, resume: tuple[int, Path]) -> None:
@@ -319,6 +391,7 @@ class Trainer:
                         file=self._out, dynamic_ncols=True, mininterval=2.0)
         for step in range(self.start_step, r.train.steps):
             t0 = time.perf_counter()
+            window["lr"] = float(self.scheduler.get_last_lr()[0])  # the lr of this step (before the scheduler steps)
             parts_sum: dict[str, torch.Tensor] = {}
             for micro in _world_batches(self.objective, r, step, self.rank, self.world, self.accum):
                 batch = {k: v.to(self.device) for k, v in self.objective.collate(micro).items()}
@@ -400,7 +473,7 @@ class Trainer:
         vals = {k: float(v) for k, v in zip(names, t.tolist())}
         step_time = window["time"] / window["steps"]
         tokens = self.recipe.train.global_batch_size * self.objective.tokens_per_example()
-        vals["train/lr"] = float(self.scheduler.get_last_lr()[0])
+        vals["train/lr"] = window["lr"]  # used by the window's last step
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             vals["train/grad_norm"] = float(gn)
@@ -441,6 +514,12 @@ class Trainer:
             dist.all_gather_object(gathered, client["rng"][str(self.rank)])
             client["rng"] = {str(i): g for i, g in enumerate(gathered)}
         path = ckpt.step_dir(self.ckpt_root, step)
+        if self.rank == 0 and (path.exists() or ckpt.universal_dir(path).exists()):
+            # an earlier save of this step (cut short before a resume): never write into it, its marker
+            # or another world size's partition files would survive
+            self.log(f"removing the earlier {path.name} before saving over it")
+            ckpt.remove_checkpoint(path)
+        self.barrier()
         fault = int(os.environ.get(FAULT_KILL_DURING_SAVE, -1)) == step and self.rank == 0
         with _killed_after_first_file(self.logger.flush) if fault else contextlib.nullcontext():
             self.engine.save_checkpoint(str(self.ckpt_root), tag=path.name, client_state=client)
