@@ -79,17 +79,30 @@ def build_model(config, seed: int, *, init_from: str | None = None, attn_impleme
     return model.to(dtype)
 
 
+def _meta_model(config):
+    """The causal LM of ``config`` on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    with torch.device("meta"):
+        if isinstance(config, MistralConfig):
+            return MistralForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
 def count_parameters(model_or_config) -> dict[str, int]:
-    """Total, embedding (input + untied output) and non-embedding parameter counts.
+    """Total, embedding (token and position embedding tables, and an untied output layer) and
+    non-embedding parameter counts.
 
-    Works on a model or, without allocating anything, on a config (via the meta device)."""
-    if not isinstance(model_or_config, torch.nn.Module):
-        from transformers import MistralForCausalLM
-
-        with torch.device("meta"):
-            model = MistralForCausalLM(model_or_config)
-    else:
-        model = model_or_config
+    Works on a model or, without allocating anything, on a config (via the meta device; any causal-LM
+    config that ``AutoModelForCausalLM`` knows)."""
+    model = model_or_config if isinstance(model_or_config, torch.nn.Module) else _meta_model(model_or_config)
+    emb_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            emb_ids.update(id(p) for p in module.parameters(recurse=False))
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        emb_ids.update(id(p) for p in out.parameters())
     seen: set[int] = set()
     total = emb = 0
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -98,20 +111,41 @@ def count_parameters(model_or_config) -> dict[str, int]:
         seen.add(id(p))
         n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions .numel()
         total += n
-        if "embed_tokens" in name or name.startswith("lm_head"):
+        if id(p) in emb_ids:
             emb += n
     return {"total": total, "embedding": emb, "non_embedding": total - emb}
 
 
-def flops_per_token(config, seq_len: int) -> float:
+def _config_int(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def flops_per_token(config, seq_len: int, counts: dict[str, int] | None = None) -> float | None:
     """Training FLOPs per token: 6 x (matmul parameters) + 6 x attention score/value products.
 
     Forward 2N + attention 2 x 2 x L x T x d (causal masking not discounted, as is usual), times 3 for
-    forward + backward. The lm_head counts; the input embedding lookup does not.
+    forward + backward. The lm_head counts; the embedding lookups do not. ``counts`` are
+    :func:`count_parameters` of the real model (otherwise counted from ``config`` on the meta device).
+    None when the config does not say its width, depth and vocabulary, or its model cannot be counted:
+    MFU is then not logged, the run goes on.
     """
-    n = count_parameters(config)
-    matmul_params = n["non_embedding"] + config.vocab_size * config.hidden_size  # lm_head
-    attn = 2 * 2 * config.num_hidden_layers * seq_len * config.hidden_size
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d = _config_int(text, "hidden_size", "n_embd", "d_model")
+    layers = _config_int(text, "num_hidden_layers", "n_layer", "num_layers")
+    vocab = _config_int(text, "vocab_size")
+    if d is None or layers is None or vocab is None:
+        return None
+    if counts is None:
+        try:
+            counts = count_parameters(config)
+        except Exception:  # a config no causal-LM class builds: no estimate rather than a failed run
+            return None
+    matmul_params = counts["non_embedding"] + vocab * d  # lm_head
+    attn = 2 * 2 * layers * seq_len * d
     return 3.0 * (2.0 * matmul_params + attn)
 
 

@@ -22,7 +22,9 @@ class ModelSection:
     """The network. ``config`` holds ``transformers.MistralConfig`` keyword arguments."""
 
     config: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None  # a Hugging Face folder or hub name to start from instead of random init
+    # a Hugging Face folder or hub name to start from instead of random init; with task.kind lm and no
+    # tokenizer.path, its own tokenizer is used (a newly trained BPE would number tokens differently)
+    init_from: str | None = None
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
 
@@ -143,6 +145,11 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
+
+    def validate(self, path: str) -> None:
+        if self.task.kind == "lm" and self.model.init_from and self.tokenizer.path is None:
+            # continued pretraining of a model: its embedding rows are indexed by its own tokenizer's ids
+            self.tokenizer.path = self.model.init_from
 
 
 def resolve_path(value: str | Path, what: str) -> Path:

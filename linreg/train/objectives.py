@@ -184,6 +184,13 @@ class LMObjective(Objective):
         r = self.recipe
         model = build_model(self.model_config(), r.train.seed, init_from=r.model.init_from,
                             attn_implementation=r.model.attn_implementation)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) > rows:
+            what = f"model.init_from={r.model.init_from}" if r.model.init_from else "the model"
+            raise ConfigError(
+                f"the tokenizer ({r.tokenizer.path or 'trained BPE'}) has {len(self.tokenizer)} tokens but "
+                f"{what} embeds only {rows}: its ids would index past the embedding. Use the model's own "
+                f"tokenizer (tokenizer.path; with model.init_from it defaults to that folder)")
         if r.model.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
