@@ -26,6 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEMPLATE = REPO_ROOT / "launch" / "slurm" / "pretrain.sbatch"
 DEFAULT_SCRIPT = "launch/pretrain.py"
 SUBMITTED_NAME = "slurm-submit.sbatch"
+CPUS_PER_GPU = 8  # default --cpus-per-task: cores per GPU rank (launcher, rank processes, data reads)
+CPUS_PER_CPU_RANK = 1  # default --cpus-per-task with --cpu: cores per CPU rank
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -197,7 +199,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="DeepSpeed ranks per node: GPUs requested per node, or CPU ranks with --cpu (default 1)")
     p.add_argument("--cpu", action="store_true",
                    help="request no GPUs (no --gpus-per-node for SLURM); ranks run on CPU over gloo")
-    p.add_argument("--cpus-per-task", type=int, help="CPU cores per node for the launcher and its ranks")
+    p.add_argument("--cpus-per-task", type=int,
+                   help=f"CPU cores per node for the launcher and its ranks (default: {CPUS_PER_GPU} per GPU, "
+                        f"with --cpu {CPUS_PER_CPU_RANK} per rank; one task runs per node, so SLURM's own default "
+                        f"would be a single core for the whole node)")
     p.add_argument("--partition", help="SLURM partition")
     p.add_argument("--time", help="time limit, e.g. 2-00:00:00 or 04:00:00; the job requeues itself 120 s before it")
     p.add_argument("--account", help="SLURM account to charge")
@@ -226,11 +231,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _output_dir(args: argparse.Namespace, recipe_path: Path) -> Path:
-    from linreg.config import load_recipe
+def default_cpus_per_task(gpus_per_node: int, cpu: bool) -> int:
+    return gpus_per_node * (CPUS_PER_CPU_RANK if cpu else CPUS_PER_GPU)
 
-    recipe = load_recipe(recipe_path, args.sets)  # refuse a bad recipe now, not after hours in the queue
-    return Path(args.output_dir or recipe.run_dir).expanduser().resolve()
+
+def check_batch_geometry(recipe, nodes: int, ranks_per_node: int) -> None:
+    """The training loop's own check (global batch = micro batch x ranks x accumulation), at submit time."""
+    from linreg.dsconfig import batch_geometry
+
+    world = nodes * ranks_per_node
+    try:
+        batch_geometry(recipe.train.global_batch_size, recipe.train.micro_batch_size, world)
+    except ConfigError as exc:
+        per_rank = recipe.train.global_batch_size / world
+        fits = [m for m in range(1, recipe.train.micro_batch_size + 1) if per_rank == int(per_rank)
+                and int(per_rank) % m == 0]
+        hint = (f"; with {world} ranks e.g. --set train.micro_batch_size={fits[-1]}" if fits else
+                f"; {world} ranks do not divide the global batch: change --nodes/--gpus-per-node or "
+                f"train.global_batch_size")
+        raise ConfigError(f"{nodes} node(s) x {ranks_per_node} rank(s) = {world} ranks: {exc}{hint}") from None
 
 
 def build_spec(args: argparse.Namespace) -> SubmitSpec:
@@ -246,6 +265,12 @@ def build_spec(args: argparse.Namespace) -> SubmitSpec:
     for s in args.sets:
         if "=" not in s:
             raise ConfigError(f"--set {s!r} must look like section.key=value")
+    from linreg.config import load_recipe
+
+    loaded = load_recipe(recipe, args.sets)  # refuse a bad recipe now, not after hours in the queue
+    hosts = [h for h in (args.hosts or "").split(",") if h.strip()] if args.hostfile is not None else []
+    check_batch_geometry(loaded, len(hosts) or args.nodes, args.gpus_per_node)
+    cpus = args.cpus_per_task or default_cpus_per_task(args.gpus_per_node, args.cpu)
     script = args.script
     root = REPO_ROOT
     script_path = Path(script) if Path(script).is_absolute() else root / script
@@ -253,11 +278,11 @@ def build_spec(args: argparse.Namespace) -> SubmitSpec:
         raise ConfigError(f"--script: training script not found: {script_path}")
     return SubmitSpec(
         recipe=recipe.resolve(),
-        output_dir=_output_dir(args, recipe),
+        output_dir=Path(args.output_dir or loaded.run_dir).expanduser().resolve(),
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         cpu=args.cpu,
-        cpus_per_task=args.cpus_per_task,
+        cpus_per_task=cpus,
         partition=args.partition,
         time=args.time,
         account=args.account,
@@ -297,16 +322,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.hosts:
             raise ConfigError("--hosts only goes with --hostfile (SLURM picks the nodes itself)")
         text = render_script(spec, args.template)
+        if not args.dry_run:
+            find_sbatch()  # before anything is written
+        if args.cpus_per_task is None:
+            per = f"{CPUS_PER_CPU_RANK} per CPU rank" if spec.cpu else f"{CPUS_PER_GPU} per GPU"
+            print(f"note: no --cpus-per-task given: requesting {spec.cpus_per_task} cores per node ({per})",
+                  file=sys.stderr)
         if args.dry_run:
             sys.stdout.write(text)
             return 0
-        find_sbatch()  # before anything is written
         spec.output_dir.mkdir(parents=True, exist_ok=True)  # SLURM cannot create the log's folder
         script_path = spec.output_dir / SUBMITTED_NAME
         script_path.write_text(text)
         job_id = submit(script_path)
         print(job_id)
-        print(f"submitted job {job_id}: {spec.nodes} node(s) x {spec.gpus_per_node} rank(s); "
+        print(f"submitted job {job_id}: {spec.nodes} node(s) x {spec.gpus_per_node} rank(s), "
+              f"{spec.cpus_per_task} cores per node; "
               f"log {spec.output_dir}/slurm-{job_id}.out", file=sys.stderr)
         return 0
     except LinregError as exc:
