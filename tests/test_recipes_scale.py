@@ -20,6 +20,7 @@ def test_parameter_count_matches_name(path):
     recipe = load_recipe(path)
     nominal = int(re.search(r"mistral-(\d+)m", path.name).group(1)) * 1e6
     cfg = mistral_config(recipe.model.config, vocab_size=recipe.tokenizer.vocab_size, seq_len=recipe.train.seq_len)
+    assert cfg.vocab_size == recipe.model.config["vocab_size"] == 32000  # pinned: the count is the recipe's
     n = count_parameters(cfg)  # meta device: nothing allocated
     assert abs(n["total"] - nominal) / nominal < 0.05, n
     # independent count from the architecture's formula
@@ -29,6 +30,35 @@ def test_parameter_count_matches_name(path):
     expected = L * per_layer + 2 * cfg.vocab_size * d + d
     assert n["total"] == expected
     assert flops_per_token(cfg, recipe.train.seq_len) > 6 * n["non_embedding"]
+
+
+def _real_size(path: Path) -> bool:
+    return not (path.name.startswith("tiny") or "-tiny-" in path.name or path.stem.endswith("-tiny"))
+
+
+REAL_SIZE = [p for p in sorted((REPO / "recipes").glob("*.yaml")) if _real_size(p)]
+# owned by the pruning area (64 sequences in micro batches of 16 do not split over 8 ranks); reported there
+_NOT_OURS = {"distill-mistral-150m.yaml"}
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="micro batch does not fit 8 ranks; not this area's file"))
+    if p.name in _NOT_OURS else p for p in REAL_SIZE], ids=lambda p: p.name)
+def test_real_size_recipes_fit_eight_ranks(path):
+    """The documented `deepspeed --num_gpus 8 ...` commands: the global batch splits into micro batches over
+    8 ranks (the loop's own check)."""
+    from linreg.dsconfig import batch_geometry
+
+    r = load_recipe(path)
+    accum = batch_geometry(r.train.global_batch_size, r.train.micro_batch_size, 8)
+    assert accum * r.train.micro_batch_size * 8 == r.train.global_batch_size
+
+
+def test_real_size_recipe_list_is_not_empty():
+    names = {p.name for p in REAL_SIZE}
+    assert {"mistral-150m.yaml", "mistral-650m.yaml", "finetune-boolq.yaml", "finetune-cb.yaml",
+            "finetune-multirc.yaml", "finetune-hh-reward.yaml"} <= names
+    assert not any(n.startswith("tiny") or "-tiny" in n for n in names)
 
 
 @pytest.mark.slow

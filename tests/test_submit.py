@@ -44,6 +44,7 @@ def test_dry_run_fills_every_option(capsys, tmp_path):
         capsys, "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "32", "--partition", "gpu",
         "--time", "1-00:00:00", "--account", "lab", "--qos", "high", "--job-name", "m150",
         "--output-dir", str(run), "--set", "train.steps=10", "--set", "regularizer.layers=[0, 1]",
+        "--set", "train.micro_batch_size=1",  # 16 sequences over 2 x 8 ranks
         "--extra-sbatch=--constraint=h100", "--extra-sbatch", "exclusive", "--env", "NCCL_DEBUG=WARN",
         "--env", "NOTE=two words", "--setup", "source /opt/venv/bin/activate", "--port", "23456",
     )
@@ -61,7 +62,7 @@ def test_dry_run_fills_every_option(capsys, tmp_path):
     assert "LINREG_MASTER_PORT=23456\n" in text
     set_line = next(line for line in text.splitlines() if line.startswith("set -- "))
     assert shlex.split(set_line)[2:] == ["--recipe", str(RECIPE), "--set", "train.steps=10",
-                                         "--set", "regularizer.layers=[0, 1]"]
+                                         "--set", "regularizer.layers=[0, 1]", "--set", "train.micro_batch_size=1"]
     # all #SBATCH lines come before the first command, or sbatch ignores them
     first_cmd = next(i for i, line in enumerate(text.splitlines()) if line and not line.startswith("#"))
     assert all(i < first_cmd for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH"))
@@ -142,8 +143,13 @@ def test_hostfile_route_writes_what_deepspeed_reads(capsys, tmp_path):
     capsys.readouterr()  # importing deepspeed prints an accelerator warning
     hostfile = tmp_path / "hostfile"
     run = tmp_path / "run"
-    rc = slurm.main(["--recipe", str(RECIPE), "--hostfile", str(hostfile), "--hosts", "gpu-a,gpu-b",
-                     "--gpus-per-node", "8", "--output-dir", str(run), "--port", "29512"])
+    argv = ["--recipe", str(RECIPE), "--hostfile", str(hostfile), "--hosts", "gpu-a,gpu-b",
+            "--gpus-per-node", "8", "--output-dir", str(run), "--port", "29512"]
+    # tiny.yaml: 16 sequences in micro batches of 8 do not split over 2 hosts x 8 ranks
+    err = _error(capsys, *argv)
+    assert "2 node(s) x 8 rank(s) = 16 ranks" in err and "train.micro_batch_size=1" in err
+    assert not hostfile.exists()
+    rc = slurm.main(argv + ["--set", "train.micro_batch_size=1"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert dict(fetch_hostfile(str(hostfile))) == {"gpu-a": 8, "gpu-b": 8}
@@ -169,3 +175,31 @@ def test_help_documents_every_option(capsys):
                 "--account", "--qos", "--job-name", "--output-dir", "--set", "--extra-sbatch", "--env", "--setup",
                 "--script", "--port", "--template", "--hostfile", "--hosts", "--dry-run"):
         assert opt in out, opt
+
+
+def test_batch_geometry_is_checked_at_submit_time(capsys, tmp_path):
+    """The loop's own check: 256 sequences of mistral-650m (micro batch 16) do not split over 4 x 8 ranks."""
+    big = REPO / "recipes" / "mistral-650m.yaml"
+    err = _error(capsys, "--recipe", str(big), "--nodes", "4", "--gpus-per-node", "8", "--output-dir",
+                 str(tmp_path / "run"), "--dry-run")
+    assert "4 node(s) x 8 rank(s) = 32 ranks" in err and "train.global_batch_size=256" in err
+    assert "--set train.micro_batch_size=8" in err
+    rc = slurm.main(["--recipe", str(big), "--nodes", "4", "--gpus-per-node", "8", "--output-dir", str(tmp_path / "run"),
+                     "--set", "train.micro_batch_size=8", "--dry-run"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    err = _error(capsys, "--recipe", str(big), "--nodes", "3", "--gpus-per-node", "8", "--dry-run")
+    assert "24 ranks do not divide the global batch" in err
+
+
+def test_cpus_per_task_default_follows_the_ranks(capsys, tmp_path):
+    run = str(tmp_path / "run")
+    rc = slurm.main(["--recipe", str(RECIPE), "--gpus-per-node", "2", "--output-dir", run, "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"#SBATCH --cpus-per-task={2 * slurm.CPUS_PER_GPU}" in _sbatch_lines(out)
+    assert f"requesting {2 * slurm.CPUS_PER_GPU} cores per node" in err
+    text = _dry_run(capsys, "--cpu", "--gpus-per-node", "2", "--output-dir", run)
+    assert "#SBATCH --cpus-per-task=2" in _sbatch_lines(text)
+    text = _dry_run(capsys, "--gpus-per-node", "2", "--cpus-per-task", "5", "--output-dir", run)
+    assert "#SBATCH --cpus-per-task=5" in _sbatch_lines(text)

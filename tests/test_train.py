@@ -70,6 +70,31 @@ def test_loss_goes_down_and_outputs_exist(straight):
         assert (out / "checkpoints" / f"step_{step}" / "COMPLETE").is_file()
 
 
+def test_logged_lr_is_the_one_each_step_used(straight):
+    """train/lr at step s is the learning rate of optimizer step s (warmup's first step: lr / warmup)."""
+    from linreg.config import load_recipe
+    from linreg.train.loop import lr_lambda
+    from tests.train_helpers import REPO
+
+    o = load_recipe(REPO / "recipes" / "tiny.yaml", BASE).optimizer
+    f = lr_lambda(o.schedule, o.warmup_steps, STEPS, o.min_lr_ratio)
+    logged = losses(straight[0], "train/lr")
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    for step, lr in logged.items():
+        assert lr == pytest.approx(o.lr * f(step - 1), rel=1e-9), step
+    assert logged[1] == pytest.approx(o.lr / o.warmup_steps)
+
+
+def test_start_below_an_earlier_runs_checkpoints_is_refused(straight, cache):
+    """Rolling back to step 8 in a folder that holds steps 16 and 24 would mix two runs: refused, nothing written."""
+    out, _ = straight
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}
+    proc = run_pretrain(out, BASE, cache, resume=str(out / "checkpoints" / "step_8"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "newer than a start from step 8: step_16, step_24" in proc.stderr and "--output-dir" in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == before
+
+
 def test_tensorboard_holds_linearity_and_loss_parts(straight):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -181,8 +206,12 @@ def test_kill_during_save_falls_back_to_previous_checkpoint(tmp_path, cache, str
     # killed inside DeepSpeed's save: the model states are on disk, the optimizer partition is not
     assert list(half.glob("*model_states.pt")) and not list(half.glob("*optim_states.pt"))
     assert not (half / "COMPLETE").exists()
+    stray = half / "zero_pp_rank_5_mp_rank_00_optim_states.pt"  # what a run of another world size leaves
+    stray.write_bytes(b"stale")
     proc = run_pretrain(out, BASE, cache)
     assert "step_16 is incomplete" in proc.stdout and "resumed from step 8" in proc.stdout
+    assert "removing the earlier step_16 before saving over it" in proc.stdout
+    assert not stray.exists() and (half / "COMPLETE").is_file()
     _assert_same_run(straight[0], out, **EXACT)
 
 
