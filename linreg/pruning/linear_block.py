@@ -120,6 +120,19 @@ def _length_layer_class():
 _LENGTH_LAYER = _length_layer_class()
 
 
+def _output_collector():
+    """The ``ContextVar`` through which Transformers 5 gathers ``output_hidden_states`` / ``output_attentions``
+    (None on versions that collect them in the decoder loop itself, where a LinearBlock needs no help)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions
+        return None
+    return _active_collector
+
+
+_COLLECTOR = _output_collector()
+
+
 class LinearBlock(nn.Module):
     """Affine stand-in for a decoder block: ``h -> h @ W + b`` applied to every token independently.
 
@@ -200,12 +213,33 @@ class LinearBlock(nn.Module):
             layers.append(slot)
         slot.advance(hidden_states.shape[-2] if hidden_states.dim() >= 2 else 1)
 
+    @staticmethod
+    def _record_outputs(hidden_states: torch.Tensor, out: torch.Tensor) -> None:
+        """Take the decoder layer's part in Transformers 5 output recording: ``output_hidden_states`` is filled by
+        hooks on the architecture's decoder-layer class, which a LinearBlock is not, so without this the model
+        would return L instead of L + 1 hidden states, shifted. The block's output goes in like any layer's (and
+        its input first when it is block 0); its attention weights are None (it has none). Other recorded outputs
+        (MoE router logits, cross-attentions) get no entry from a linear block."""
+        collected = _COLLECTOR.get() if _COLLECTOR is not None else None
+        if not collected:
+            return
+        states = collected.get("hidden_states")
+        if states is not None:
+            selection = collected.get("_hidden_states_layers")
+            if not states:  # block 0: the initial hidden state first, as the layer hooks do
+                states.append(hidden_states if selection is None or 0 in selection else None)
+            states.append(out if selection is None or len(states) in selection else None)
+        attentions = collected.get("attentions")
+        if attentions is not None:
+            attentions.append(None)
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         if isinstance(hidden_states, (tuple, list)):
             hidden_states = hidden_states[0]
         self._track_cache(hidden_states, args, kwargs)
         out = hidden_states + nn.functional.linear(hidden_states, self.weight.to(hidden_states.dtype),
                                                    self.bias.to(hidden_states.dtype))
+        self._record_outputs(hidden_states, out)
         return (out,) if self.tuple_output else out
 
 
@@ -247,5 +281,25 @@ def pruned_classes(base_model_class: str | type, base_config_class: str | type |
 
     model_cls = type(f"LinregPruned{base.__name__}", (base,), {"config_class": cfg_cls, "__init__": __init__,
                                                                "__module__": __name__})
+    _register_weight_conversions(base.__name__, base_cfg.model_type, model_cls.__name__, model_type)
     _CLASS_CACHE[key] = (cfg_cls, model_cls)
     return cfg_cls, model_cls
+
+
+def _register_weight_conversions(base_class: str, base_type: str, pruned_class: str, pruned_type: str) -> None:
+    """Give the pruned class and model_type the checkpoint weight renamings of the original ones.
+
+    Transformers 5 renames weights between the checkpoint layout and the modules on every save and load (GPT-NeoX
+    ``embed_out`` <-> ``lm_head``, Mixtral's per-expert ``w1/w2/w3`` <-> fused expert tensors, ...) with rules it
+    looks up by class name, then by ``model_type``; classes defined outside the library only get rules registered
+    for them explicitly. Without this, a pruned GPT-NeoX or MoE folder (written by the original class, so in the
+    checkpoint layout) would reload with missing weights."""
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+    except ImportError:  # transformers 4: module attributes are the checkpoint names, nothing to rename
+        return
+    for source, target in ((base_class, pruned_class), (base_type, pruned_type)):
+        rules = get_checkpoint_conversion_mapping(source)
+        if rules is not None:
+            register_checkpoint_conversion_mapping(target, rules, overwrite=True)

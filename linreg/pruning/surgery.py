@@ -377,10 +377,12 @@ def load_pruned(path: str | Path, *, dtype: str | torch.dtype | None = None, dev
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type != "cpu":
         kw.setdefault("device_map", {"": dev})
+    want_info = bool(kw.pop("output_loading_info", False))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+        model, loading_info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
+    check_loading_info(path, loading_info)
     if dev is not None and dev.type == "cpu":
         model = model.to(dev)
     prov = Path(path) / PROVENANCE_FILE
@@ -388,7 +390,23 @@ def load_pruned(path: str | Path, *, dtype: str | torch.dtype | None = None, dev
         data = json.loads(prov.read_text())
         model.linreg_pruning = {k: data[k] for k in ("original_num_layers", "kept_layers", "removed", "linear")
                                 if k in data}
-    return model
+    return (model, loading_info) if want_info else model
+
+
+def check_loading_info(path: str | Path, info: dict) -> None:
+    """Refuse a load that left weights missing (randomly initialised), unused or of the wrong shape (the
+    ``output_loading_info`` of ``from_pretrained``; Transformers has already dropped the keys each class declares
+    harmless)."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the checkpoint (would be random)"),
+                      ("unexpected_keys", "in the checkpoint but not used by the model"),
+                      ("mismatched_keys", "of the wrong shape")):
+        keys = sorted(str(k) for k in (info or {}).get(key) or ())
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"weights {what}: {shown}")
+    if problems:
+        raise CheckpointError(f"{path}: the checkpoint does not match the model class; " + "; ".join(problems))
 
 
 load_model = load_pruned
