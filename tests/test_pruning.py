@@ -56,6 +56,23 @@ class HandLinear(nn.Module):
         return hidden_states @ self.w + self.b
 
 
+def make_model(arch: str, seed: int = 0, layers: int = 4):
+    """tiny_model plus GPT-NeoX (Pythia) and a Mixtral MoE: architectures whose checkpoint layout differs from
+    their modules in Transformers 5 (``embed_out`` / per-expert weights are renamed on save and load)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    common = dict(vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=3, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    if arch == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                                num_attention_heads=4, **common)).eval()
+    if arch == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                                num_experts_per_tok=2, **common)).eval()
+    return tiny_model(arch, seed=seed, layers=layers)
+
+
 def states_of(model, blocks):
     out = None
     with torch.no_grad(), BlockCapture(model) as cap:
@@ -77,14 +94,14 @@ def test_scores_match_float64_reference(world):
         assert cheap.cosine(i) == pytest.approx(stats.cosine(i), rel=1e-6)
         assert cheap.angular(i) == stats.angular(i)
     states = states_of(model, world["cal"])
-    for method in ("cosine", "angular", "linearity"):
+    for method in ("cosine", "angular1", "linearity"):
         scores = block_scores(stats, method)
         for i in range(4):
             x, y = states[i].numpy(), states[i + 1].numpy()
             cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
             if method == "cosine":
                 assert scores[i] == pytest.approx(1 - cos.mean(), rel=1e-9)
-            elif method == "angular":
+            elif method == "angular1":
                 assert scores[i] == pytest.approx((np.arccos(np.clip(cos, -1, 1)) / np.pi).mean(), rel=1e-5)
             else:
                 xc, yc = x - x.mean(0), y - y.mean(0)
@@ -135,7 +152,7 @@ def test_real_decoder_layer_made_linear_by_zeroing_outputs(world):
     assert scores[1] == pytest.approx(1.0, abs=1e-12)
     assert rank_blocks(scores, "linearity")[0] == 1
     assert rank_blocks(block_scores(stats, "cosine"), "cosine")[0] == 1
-    assert rank_blocks(block_scores(stats, "angular"), "angular")[0] == 1
+    assert rank_blocks(block_scores(stats, "angular1"), "angular1")[0] == 1
     ids = torch.from_numpy(world["ev"][:4])
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -143,6 +160,115 @@ def test_real_decoder_layer_made_linear_by_zeroing_outputs(world):
     assert model.config.num_hidden_layers == 3
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+class Rotation(nn.Module):
+    """A block that turns every hidden state by the same angle: 2x2 rotations by theta on each coordinate pair, so
+    cos(x, y) = cos(theta) for every token, and consecutive blocks add their angles."""
+
+    def __init__(self, d: int, theta: float):
+        super().__init__()
+        c, s = np.cos(theta), np.sin(theta)
+        r = torch.zeros(d, d)
+        for j in range(0, d, 2):
+            r[j, j], r[j, j + 1], r[j + 1, j], r[j + 1, j + 1] = c, s, -s, c
+        self.register_buffer("r", r)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states @ self.r
+
+
+def test_angular_run_distances_match_float64_reference(world):
+    """d(l, n) for every start and every n <= 4 against arccos of captured states in float64, padding excluded."""
+    model = tiny_model("mistral", seed=3)
+    ids = torch.from_numpy(world["cal"][:6])
+    mask = torch.ones_like(ids)
+    mask[0, 20:] = 0
+    mask[3, 5:] = 0
+    data = [{"input_ids": ids[:4], "attention_mask": mask[:4]}, {"input_ids": ids[4:], "attention_mask": mask[4:]}]
+    stats = block_statistics(model, data, full=False, span=4)
+    states = None
+    with torch.no_grad(), BlockCapture(model) as cap:
+        for b in data:
+            model(**b)
+            keep = b["attention_mask"].bool()
+            flat = [st[keep].double() for st in cap.states]
+            states = flat if states is None else [torch.cat([a, c]) for a, c in zip(states, flat)]
+    assert stats.n_tokens == int(mask.sum()) == states[0].shape[0]
+    for n in range(1, 5):
+        for l in range(4 - n + 1):
+            x, y = states[l].numpy(), states[l + n].numpy()
+            cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+            ref = (np.arccos(np.clip(cos, -1, 1)) / np.pi).mean()
+            assert stats.angular_run(l, n) == pytest.approx(ref, rel=1e-5), (l, n)
+        assert sorted(stats.span_sum[n]) == list(range(4 - n + 1))
+    for l in range(4):
+        assert stats.angular_run(l, 1) == pytest.approx(stats.angular(l), rel=1e-12)
+
+
+def test_angular_cuts_the_best_contiguous_run_not_the_individually_best_blocks(world, tmp_path):
+    """Blocks turning every state by 0.6, 0.3, -0.3, 0.25, 0.7, 0.2 rad: d(l, n) = |sum of the run's angles| / pi.
+    Two blocks: the best run is 1-2 (they cancel, d = 0); the two individually smallest are 5 and 3."""
+    from linreg.errors import ConfigError
+    from linreg.pruning.prune import sweep
+
+    thetas = [0.6, 0.3, -0.3, 0.25, 0.7, 0.2]
+
+    def rotations():
+        model = tiny_model("llama", seed=0, layers=6)
+        blocks = find_blocks(model)
+        for i, t in enumerate(thetas):
+            blocks[i] = Rotation(32, t)
+        return model
+
+    cal = batches(world["cal"][:8])
+    stats = block_statistics(rotations(), cal, full=False, span=3)
+    for n in (1, 2, 3):
+        for l in range(6 - n + 1):
+            assert stats.angular_run(l, n) == pytest.approx(abs(sum(thetas[l:l + n])) / np.pi, abs=2e-6)
+    rep = prune_model(rotations(), cal, 2, select="angular")
+    assert rep["chosen"] == [1, 2] and rep["removed"] == [1, 2] and rep["score"] == "angular_distance"
+    assert rep["rounds"][0]["scores"]["1"] == pytest.approx(0.0, abs=2e-6)
+    single = prune_model(rotations(), cal, 2, select="angular1")
+    assert sorted(single["chosen"]) == [3, 5]
+    rep3 = prune_model(rotations(), cal, 3, select="angular", replace="linear")
+    assert rep3["chosen"] == [1, 2, 3] and rep3["replaced"] == [1, 2, 3]
+    assert all(v == pytest.approx(1.0, abs=1e-9) for v in rep3["fit_r2"].values())  # rotations are linear
+    # a sweep takes each K's own run: not nested
+    res = sweep(rotations(), cal, [0, 1, 2, 3], lambda m: 0.0, select="angular")
+    assert res["chosen"] == {"0": [], "1": [5], "2": [1, 2], "3": [1, 2, 3]} and "order" not in res
+    assert res["angular_distance"]["2"]["1"] == pytest.approx(0.0, abs=2e-6)
+    # runs never contain a block already replaced by a linear map
+    model = rotations()
+    prune_model(model, cal, 0, select="given", given=[1], replace="linear")
+    assert prune_model(model, cal, 2, select="angular")["chosen"] == [2, 3]  # 1-2 (d = 0) has a linear block
+    with pytest.raises(ConfigError, match="no iterative form"):
+        prune_model(rotations(), cal, 2, select="angular", iterative=True)
+    with pytest.raises(ConfigError, match="no iterative form"):
+        sweep(rotations(), cal, [1, 2], lambda m: 0.0, select="angular", iterative=True)
+
+
+def test_nothing_to_cut_and_bad_given_blocks(world):
+    model = tiny_model("llama", seed=1)
+    ids = torch.from_numpy(world["ev"][:2])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    for kw in (dict(replace="linear"), dict(replace="linear", iterative=True), dict(replace="none"),
+               dict(select="angular", replace="linear")):
+        rep = prune_model(model, batches(world["cal"]), 0, **kw)
+        assert rep["chosen"] == [] and rep["replaced"] == [] and rep["removed"] == []
+    assert not any(isinstance(b, LinearBlock) for b in find_blocks(model))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref)
+    from linreg.errors import ConfigError
+    from linreg.pruning.prune import sweep
+
+    with pytest.raises(ConfigError, match=r"--layers \[7\]: not blocks of this model"):
+        sweep(model, batches(world["cal"]), [0, 1], lambda m: 0.0, select="given", given=[7])
+    with pytest.raises(ConfigError, match=r"more than once"):
+        prune_model(model, batches(world["cal"]), 0, select="given", given=[1, 1])
+    with pytest.raises(ConfigError, match=r"only 3 can be cut"):
+        sweep(model, batches(world["cal"]), [4], lambda m: 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------- surgery
@@ -202,9 +328,9 @@ def test_removal_fixes_per_layer_config_lists():
     assert torch.equal(g1, g2)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "mixtral"])
 def test_linear_replacement_saves_loads_and_generates(world, arch, tmp_path):
-    model = tiny_model(arch, seed=6)
+    model = make_model(arch, seed=6)
     stats = block_statistics(model, batches(world["cal"]), positions=[0, 2])
     replace_blocks(model, {0: stats.fit(0), 2: stats.fit(2)})  # block 0 too: its cache slot is layer 0's
     ids = torch.from_numpy(world["ev"][:2, :10])
@@ -228,6 +354,40 @@ def test_linear_replacement_saves_loads_and_generates(world, arch, tmp_path):
         torch.testing.assert_close(again(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gpt2", "opt"])
+def test_output_hidden_states_and_attentions_with_linear_blocks(world, arch, tmp_path):
+    """Transformers records hidden states with hooks on its decoder-layer class; LinearBlocks (block 0 and 2
+    here) take part too: L + 1 states, state i + 1 the output of block i (the last one after the final norm), for
+    a model built by surgery and for the reloaded folder. Attention weights: None for the linear blocks."""
+    from tests.tiny_models import final_norm
+
+    model = tiny_model(arch, seed=7)
+    stats = block_statistics(model, batches(world["cal"]), positions=[0, 2])
+    replace_blocks(model, {0: stats.fit(0), 2: stats.fit(2)})
+    save_pruned(model, tmp_path / "m")
+    ids = torch.from_numpy(world["ev"][:2, :12])
+    for m in (model, load_pruned(tmp_path / "m").eval()):
+        m.set_attn_implementation("eager")
+        n = m.config.num_hidden_layers
+        with torch.no_grad(), BlockCapture(m) as cap:
+            out = m(input_ids=ids, output_hidden_states=True, output_attentions=True)
+            hooked = list(cap.states)
+            last = final_norm(m)(hooked[n])
+        assert len(out.hidden_states) == n + 1 == len(hooked)
+        for i in range(n):
+            torch.testing.assert_close(out.hidden_states[i], hooked[i], rtol=0, atol=0)
+        torch.testing.assert_close(out.hidden_states[n], last, rtol=1e-6, atol=1e-6)
+        assert len(out.attentions) == n
+        assert [a is None for a in out.attentions] == [True, False, True, False]
+        assert all(a.shape == (2, 4, 12, 12) for a in out.attentions if a is not None)
+        with torch.no_grad():  # no duplicates or shifts across calls (hooks are installed once)
+            again = m(input_ids=ids, output_hidden_states=True).hidden_states
+            some = m(input_ids=ids, output_hidden_states=[0, 1, 3]).hidden_states  # selected states only
+        assert len(again) == n + 1 and torch.equal(again[1], hooked[1])
+        assert [h is not None for h in some] == [True, True, False, True, False]
+        assert all(torch.equal(some[i], hooked[i]) for i in (0, 1, 3))
+
+
 @pytest.mark.slow
 def test_replaced_folder_with_trust_remote_code_offline_and_plain_load_refused(world, tmp_path):
     """Fresh process, no linreg import: the folder's own code loads it; plain loading refuses loudly."""
@@ -240,6 +400,13 @@ def test_replaced_folder_with_trust_remote_code_offline_and_plain_load_refused(w
     save_pruned(model, tmp_path / "m", tokenizer=world["tok"])
     np.save(tmp_path / "ids.npy", ids.numpy())
     torch.save(ref, tmp_path / "ref.pt")
+    for arch in ("gpt_neox", "mixtral"):  # checkpoint layouts that Transformers renames on load
+        other = make_model(arch, seed=8)
+        stats = block_statistics(other, batches(world["cal"]), positions=[0, 2])
+        replace_blocks(other, {0: stats.fit(0), 2: stats.fit(2)})
+        save_pruned(other, tmp_path / arch)
+        with torch.no_grad():
+            torch.save(other(input_ids=ids).logits, tmp_path / f"{arch}.pt")
     script = f"""
 import sys, numpy as np, torch
 sys.modules['linreg'] = None  # the folder must not need the package
@@ -252,13 +419,19 @@ except ValueError as e:
     print('PLAIN REFUSED', 'trust_remote_code=True' in str(e))
 m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
 ids = torch.from_numpy(np.load({str(tmp_path / 'ids.npy')!r}))
-ref = torch.load({str(tmp_path / 'ref.pt')!r})
+ref = torch.load({str(tmp_path / 'ref.pt')!r}, weights_only=True)
 print('CLASS', type(m).__name__)
 print('CLOSE', torch.allclose(m(input_ids=ids).logits, ref, atol=1e-5))
 g = m.generate(ids, max_new_tokens=4, do_sample=False)
 print('GEN', g.shape[1])
 tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
 print('TOK', len(tok))
+for arch in ('gpt_neox', 'mixtral'):
+    m, info = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + '/' + arch, trust_remote_code=True,
+                                                   output_loading_info=True)
+    ref = torch.load({str(tmp_path)!r} + f'/{{arch}}.pt', weights_only=True)
+    print('OTHER', arch, type(m).__name__, sorted(info['missing_keys']), sorted(info['unexpected_keys']),
+          torch.allclose(m.eval()(input_ids=ids).logits, ref, atol=1e-5))
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1",
                PYTHONPATH="")
@@ -268,6 +441,31 @@ print('TOK', len(tok))
     assert "PLAIN REFUSED True" in proc.stdout
     assert "CLASS LinregPrunedMistralForCausalLM" in proc.stdout
     assert "CLOSE True" in proc.stdout and "GEN 14" in proc.stdout and f"TOK {len(world['tok'])}" in proc.stdout
+    assert "OTHER gpt_neox LinregPrunedGPTNeoXForCausalLM [] [] True" in proc.stdout, proc.stdout
+    assert "OTHER mixtral LinregPrunedMixtralForCausalLM [] [] True" in proc.stdout, proc.stdout
+
+
+def test_load_pruned_refuses_checkpoints_that_do_not_match(world, tmp_path):
+    """Missing or unused weights are an error naming them, not a model with random weights; a caller's
+    output_loading_info=True still gets the info."""
+    from safetensors.torch import load_file, save_file
+
+    from linreg.errors import CheckpointError
+
+    model = make_model("mistral", seed=3)
+    stats = block_statistics(model, batches(world["cal"]), positions=[1])
+    replace_blocks(model, {1: stats.fit(1)})
+    save_pruned(model, tmp_path / "m")
+    loaded, info = load_pruned(tmp_path / "m", output_loading_info=True)
+    assert isinstance(loaded, nn.Module) and not info["missing_keys"] and not info["unexpected_keys"]
+    assert provenance(loaded)["linear"] == [1]
+    f = tmp_path / "m" / "model.safetensors"
+    state = load_file(f)
+    state["model.layers.1.extra.weight"] = state.pop("model.layers.2.mlp.up_proj.weight")
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing.*model\.layers\.2\.mlp\.up_proj\.weight.*not used.*"
+                                              r"model\.layers\.1\.extra\.weight"):
+        load_pruned(tmp_path / "m")
 
 
 def test_iterative_removal_tracks_original_indices(world):
@@ -332,6 +530,11 @@ def test_prune_cli_single_cut(world, tmp_path):
     g = lin.generate(torch.from_numpy(ev[:1, :8]), max_new_tokens=4, do_sample=False)
     assert g.shape[1] == 12
 
+    assert prune_main(common + ["--remove", "0", "--replace", "linear", "--out", str(tmp_path / "z")]) == 0
+    rep = json.loads((tmp_path / "z" / "prune.json").read_text())
+    assert rep["chosen"] == [] and rep["replaced"] == [] and rep["num_hidden_layers"] == {"before": 4, "after": 4}
+    assert rep["perplexity"]["pruned"] == rep["perplexity"]["original"]
+
 
 def test_prune_cli_sweep_and_consistency_with_surgery(world, tmp_path):
     src = save_model(tiny_model("llama", seed=12), world["tok"], tmp_path / "src")
@@ -368,3 +571,64 @@ def test_prune_cli_errors(world, tmp_path, capsys):
     assert "need at least 34" in capsys.readouterr().err
     assert prune_main(base + ["--remove", "1", "--layers", "1"]) == 2
     assert "--layers only goes with --select given" in capsys.readouterr().err
+    assert prune_main(base + ["--select", "given", "--remove", "3", "--layers", "1,2"]) == 2
+    assert "--remove 3 disagrees with the 2 blocks named by --layers" in capsys.readouterr().err
+    assert prune_main(base + ["--select", "given", "--layers", "1,7", "--sweep", "0,1"]) == 2
+    assert "--layers [7]: not blocks of this model" in capsys.readouterr().err
+    assert prune_main(base + ["--select", "angular", "--iterative", "--remove", "2"]) == 2
+    assert "no iterative form" in capsys.readouterr().err
+    assert prune_main(base + ["--remove", "1", "--sweep", "2"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_sweep_title_uses_the_short_model_label():
+    from linreg.pruning.cli import sweep_title
+
+    assert sweep_title({"model": "runs/tiny/hf", "score": "linearity"}) == "tiny/hf: blocks chosen by linearity"
+    assert sweep_title({"model": "/x/gpt2", "score": "angular_distance", "iterative": True}).startswith("gpt2: ")
+
+
+def test_sweep_with_distillation_frees_the_model_first(world, tmp_path, monkeypatch):
+    """The original model is gone (no reference left) before the distillation processes start. The launcher here
+    stands in for the training run: it copies the replaced student to the run's export folder, so the distilled
+    curve equals the linear one."""
+    import gc
+    import weakref
+
+    import linreg.pruning.cli as cli
+
+    src = save_model(tiny_model("llama", seed=14), world["tok"], tmp_path / "src")
+    launcher = tmp_path / "copy_student.py"
+    launcher.write_text(
+        "import shutil, sys\n"
+        "a = sys.argv\n"
+        "out = a[a.index('--output-dir') + 1]\n"
+        "student = [s.split('=', 1)[1] for s in a if s.startswith('task.options.student=')][0]\n"
+        "shutil.copytree(student, out + '/hf')\n")
+    refs: list = []
+    real_load, real_run = cli._load, subprocess.run
+
+    def load(args):
+        got = real_load(args)
+        refs.append(weakref.ref(got[0]))
+        return got
+
+    alive: list[bool] = []
+
+    def run(cmd, *a, **kw):
+        gc.collect()
+        alive.append(refs[0]() is not None)
+        return real_run(cmd, *a, **kw)
+
+    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(cli.subprocess, "run", run)
+    out = tmp_path / "sweep"
+    rc = prune_main(["--model", str(src), "--data", str(world["text"]), "--max-tokens", "1024", "--eval-tokens",
+                     "256", "--seq-len", str(SEQ), "--no-progress", "--sweep", "0,2", "--out", str(out),
+                     "--distill-recipe", "recipes/distill-tiny.yaml", "--distill-launcher",
+                     f"{sys.executable} {launcher}"])
+    assert rc == 0
+    assert alive == [False]
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["distilled"]["2"] == pytest.approx(res["linear"]["2"], rel=1e-6)
+    assert res["distilled"]["0"] == res["linear"]["0"]

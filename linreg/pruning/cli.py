@@ -36,6 +36,8 @@ import numpy as np
 
 from linreg.errors import ConfigError, DataError, LinregError
 
+SELECT_CHOICES = ("linearity", "cosine", "angular", "angular1", "last", "given")  # linreg.pruning.select.SCORES
+
 EPILOG = """\
 calibration and evaluation tokens:
   --data is read once: the first --max-tokens tokens calibrate (scores and least-squares fits), the next
@@ -44,9 +46,13 @@ calibration and evaluation tokens:
 selection (--select):
   linearity  most linear blocks first (--metric linearity_wo_residual scores the residual contribution instead)
   cosine     lowest ShortGPT block influence 1 - E[cos(x_in, x_out)] first
-  angular    smallest angular distance E[arccos(cos)]/pi of single blocks (Gromov et al.) first
+  angular    Gromov et al.: the contiguous run of K blocks l..l+K-1 whose input (of block l) and output (of
+             block l+K-1) are closest in mean angular distance E[arccos(cos)]/pi over all tokens (the paper
+             uses the last token of each sequence); a sweep picks the best run for each K separately.
+             Not with --iterative.
+  angular1   the same distance for single blocks: the K individually smallest (need not be contiguous)
   last       the deepest blocks, keeping the final one
-  given      the blocks of --layers i,j,... (original indices)
+  given      the blocks of --layers i,j,... (original indices; --remove, if given, must match their number)
 
 saving:
   --replace none: a plain Hugging Face folder of the original class (AutoModelForCausalLM.from_pretrained).
@@ -76,11 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", default=None, metavar="FILE_OR_DATASET",
                    help="separate text for perplexity (default: the --data tokens after the calibration tokens)")
     p.add_argument("--remove", type=int, default=None, metavar="K", help="number of blocks to cut (single-cut mode)")
-    p.add_argument("--select", default="linearity", choices=["linearity", "cosine", "angular", "last", "given"],
+    p.add_argument("--select", default="linearity", choices=list(SELECT_CHOICES),
                    help="how blocks are chosen (default linearity; see below)")
     p.add_argument("--metric", default="linearity", choices=["linearity", "linearity_wo_residual"],
                    help="with --select linearity: which linearity score ranks the blocks (default linearity)")
-    p.add_argument("--layers", default=None, metavar="I,J,...", help="with --select given: original block indices")
+    p.add_argument("--layers", default=None, metavar="I,J,...",
+                   help="with --select given: original block indices (--remove, if given, must equal their number)")
     p.add_argument("--replace", default="none", choices=["none", "linear"],
                    help="none: delete the blocks; linear: put the least-squares map input -> output in their place")
     p.add_argument("--iterative", action="store_true",
@@ -179,7 +186,9 @@ def _load(args):
 
 
 def _main(args: argparse.Namespace) -> int:
-    if (args.remove is None) == (args.sweep is None) and args.select != "given":
+    if args.remove is not None and args.sweep is not None:
+        raise ConfigError("give --remove K (one cut) or --sweep (perplexity against K), not both")
+    if args.remove is None and args.sweep is None and args.select != "given":
         raise ConfigError("give --remove K (one cut) or --sweep (perplexity against K)")
     if args.distill_recipe and not args.sweep:
         raise ConfigError("--distill-recipe goes with --sweep (a single cut is distilled with launch/distill.py)")
@@ -191,23 +200,24 @@ def _main(args: argparse.Namespace) -> int:
     if args.layers and args.select != "given":
         raise ConfigError("--layers only goes with --select given")
     given = _ints(args.layers, "--layers") if args.layers else None
+    if given is not None and args.remove is not None and args.remove != len(given):
+        raise ConfigError(f"--remove {args.remove} disagrees with the {len(given)} blocks named by --layers "
+                          f"{args.layers} (leave --remove out with --select given)")
+    if args.select == "angular" and args.iterative:
+        raise ConfigError("--select angular chooses one contiguous run of K blocks in a single pass (Gromov et al.); "
+                          "it has no iterative form. Use --select angular1 --iterative to cut one block per round")
     ks = _sweep_ks(args.sweep) if args.sweep else None
     if args.distill_recipe and not Path(args.distill_recipe).is_file():
         from linreg.recipe import resolve_path
 
         args.distill_recipe = str(resolve_path(args.distill_recipe, "--distill-recipe"))
-    model, tok, batches, cal, ev, dev, dtype = _load(args)
     out = Path(args.out)
+    if ks is not None:
+        return _run_sweep(args, ks, given, out)  # loads the model itself, so no reference stays here
+    model, tok, batches, cal, ev, dev, dtype = _load(args)
     progress = not args.no_progress
 
     from linreg.pruning.perplexity import perplexity
-
-    def ppl(m) -> float:
-        return perplexity(m, ev, batch_size=args.batch_size, progress=progress)["perplexity"]
-
-    if ks is not None:
-        return _run_sweep(args, model, tok, batches, cal, ev, ks, given, ppl, out)
-
     from linreg.pruning.prune import prune_model
     from linreg.pruning.surgery import identity_block, provenance, save_pruned, swap_blocks
 
@@ -262,13 +272,32 @@ def _distill_cmd(args, student: Path, run_dir: Path) -> list[str]:
     return cmd
 
 
-def _run_sweep(args, model, tok, batches, cal, ev, ks, given, ppl, out: Path) -> int:
+def _release_memory() -> None:
+    """Collect garbage and hand cached CUDA memory back, so that subprocesses started next find the GPUs free."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _run_sweep(args, ks, given, out: Path) -> int:
+    from linreg.pruning.perplexity import perplexity
     from linreg.pruning.prune import sweep
     from linreg.pruning.surgery import load_pruned, save_pruned
 
+    model, tok, batches, cal, ev, dev, dtype = _load(args)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     replaced_dirs: dict[int, Path] = {}
+
+    def ppl(m) -> float:
+        return perplexity(m, ev, batch_size=args.batch_size, progress=progress)["perplexity"]
 
     def save_replaced(k: int, m) -> None:
         d = out / f"k{k}" / "replaced"
@@ -283,7 +312,8 @@ def _run_sweep(args, model, tok, batches, cal, ev, ks, given, ppl, out: Path) ->
         res["distilled"] = {}
         if "0" in res["linear"]:
             res["distilled"]["0"] = res["linear"]["0"]
-        del model
+        del model  # the only reference: the distillation runs get the memory (GPU memory on GPUs)
+        _release_memory()
         for k, student in sorted(replaced_dirs.items()):
             run_dir = out / f"k{k}" / "distill"
             cmd = _distill_cmd(args, student, run_dir)
@@ -291,12 +321,10 @@ def _run_sweep(args, model, tok, batches, cal, ev, ks, given, ppl, out: Path) ->
             proc = subprocess.run(cmd)
             if proc.returncode != 0:
                 raise LinregError(f"distillation of K={k} failed (exit {proc.returncode}); see the output above")
-            from linreg.analyze import resolve_device, resolve_dtype
-
-            dev = resolve_device(args.device)
-            distilled = load_pruned(run_dir / "hf").to(device=dev, dtype=resolve_dtype(args.dtype, dev))
+            distilled = load_pruned(run_dir / "hf", dtype=dtype, device=dev)
             res["distilled"][str(k)] = ppl(distilled)
             del distilled
+            _release_memory()
         res["distill_recipe"] = str(args.distill_recipe)
     (out / "sweep.json").write_text(json.dumps(res, indent=2) + "\n")
     plot_sweep(res, out / "pruning.png")
@@ -308,6 +336,15 @@ def _run_sweep(args, model, tok, batches, cal, ev, ks, given, ppl, out: Path) ->
         print(row)
     print(f"wrote {out / 'sweep.json'} and {out / 'pruning.png'}")
     return 0
+
+
+def sweep_title(res: dict) -> str:
+    """``<model label>: blocks chosen by <score>``; the label as in ``linreg analyze`` (``runs/tiny/hf`` ->
+    ``tiny/hf``)."""
+    from linreg.analyze import _short
+
+    return (f"{_short(str(res.get('model', '')))}: blocks chosen by {res.get('score')}"
+            + (" (iterative)" if res.get("iterative") else ""))
 
 
 def plot_sweep(res: dict, path: Path) -> Path:
@@ -334,8 +371,7 @@ def plot_sweep(res: dict, path: Path) -> Path:
     ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("blocks cut")
     ax.set_ylabel("perplexity (held-out)")
-    ax.set_title(f"{Path(str(res.get('model', ''))).name}: blocks chosen by {res.get('score')}"
-                 + (" (iterative)" if res.get("iterative") else ""), fontsize=9)
+    ax.set_title(sweep_title(res), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
