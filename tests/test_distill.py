@@ -140,7 +140,7 @@ def test_analyze_checkpoints_of_the_distillation_run(setup, tmp_path):
     assert [c["step"] for c in log["checkpoints"]] == [0, 15, 30]
 
 
-def test_objective_prunes_in_place_and_its_loss_matches_a_float64_reference(tmp_path):
+def test_objective_prunes_in_place_and_its_loss_matches_a_float64_reference(tmp_path, monkeypatch):
     """DistillObjective without the loop: real data preparation, the student cut from the teacher on calibration
     blocks, gradients only on the linear maps, and the loss against a float64 formula written here."""
     from linreg.config import load_recipe
@@ -208,7 +208,42 @@ def test_objective_prunes_in_place_and_its_loss_matches_a_float64_reference(tmp_
     assert ev["val/loss"] == pytest.approx(float(np.mean(nll)), rel=1e-5)
     assert ev["val/perplexity"] == pytest.approx(math.exp(float(np.mean(nll))), rel=1e-5)
     assert ev["val/mse"] == pytest.approx(float(np.mean(rel_mse)), rel=1e-5)
+    # a rank whose scores chose other blocks than rank 0's (a near tie) takes rank 0's and fits them itself
+    import linreg.pruning.distill as distill_mod
+
+    other = [i for i in range(4) if i not in obj.prune_report["chosen"]]
+    monkeypatch.setattr(distill_mod, "rank0_choice", lambda chosen: list(other))
+    student2 = obj.build_model()
+    assert obj.prune_report["chosen"] == other and obj.prune_report["chosen_by_rank0"]
+    assert obj.prune_report["score"] == "block_influence"
+    assert [j for j, b in enumerate(find_blocks(student2)) if isinstance(b, LinearBlock)] == sorted(other)
     bad = load_recipe(REPO / "recipes" / "distill-tiny.yaml", sets + ["task.options.mse_wieght=1"])
     with pytest.raises(ConfigError, match="mse_wieght"):
         DistillObjective(RunContext(recipe=bad, run_dir=tmp_path, rank=0, world_size=1, device=torch.device("cpu"),
                                     barrier=lambda: None, log=print))
+
+
+def _rank0_choice_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from linreg.pruning.distill import rank0_choice
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        got = rank0_choice([rank, 10 + rank])  # every rank proposes its own blocks
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(got, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank0_choice_is_broadcast_to_every_rank(tmp_path):
+    """Two gloo ranks propose different cuts; both end up with rank 0's."""
+    import torch.multiprocessing as mp
+
+    from linreg.pruning.distill import rank0_choice
+
+    assert rank0_choice([3, 1]) == [3, 1]  # no process group: the list itself
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_rank0_choice_worker, args=(2, init, str(tmp_path / "got")), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"got.{r}").read_text()) for r in (0, 1)] == [[0, 10], [0, 10]]

@@ -7,7 +7,9 @@ loop as pretraining (DeepSpeed ZeRO, checkpoints, resume, TensorBoard, linearity
   mode, outside DeepSpeed; moved to the device in ``on_engine_ready`` and cast to the engine's dtype.
 * **Student**: a pruned folder written by ``linreg prune`` (``task.options.student``), or, when that is null,
   the teacher pruned right here on ``calibration_blocks`` training blocks (``remove``, ``select``, ``layers``,
-  ``metric``, ``iterative``, ``replace``: the options of ``linreg prune``). Every rank computes the same cut.
+  ``metric``, ``iterative``, ``replace``: the options of ``linreg prune``). Every rank scores the same
+  calibration blocks, then takes rank 0's choice of blocks (broadcast), so a near tie cannot give ranks different
+  architectures; a rank whose own choice differed redoes the cut with rank 0's blocks (and fits them itself).
 * **Trained**: ``trainable: linear`` (default) trains only the LinearBlock replacements; ``all`` trains every
   student parameter; a list of substrings trains the parameters whose names contain one of them (and the
   linear replacements).
@@ -27,6 +29,7 @@ loop as pretraining (DeepSpeed ZeRO, checkpoints, resume, TensorBoard, linearity
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ import torch
 from linreg.errors import ConfigError
 from linreg.train.objectives import LMObjective, add_regularizer, sequence_nll
 
-__all__ = ["DistillObjective", "DEFAULT_OPTIONS", "layerwise_mse"]
+__all__ = ["DistillObjective", "DEFAULT_OPTIONS", "layerwise_mse", "rank0_choice"]
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "teacher": None,
@@ -81,6 +84,18 @@ def layerwise_mse(student_states: list, teacher_states: list, pairs: list[tuple[
         else:
             terms.append(diff.mean())
     return torch.stack(terms).mean()
+
+
+def rank0_choice(chosen: list[int]) -> list[int]:
+    """Rank 0's list of chosen blocks on every rank (``broadcast_object_list`` when torch.distributed runs with
+    several ranks; the list itself otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(chosen)
+    box = [list(chosen)]
+    dist.broadcast_object_list(box, src=0)
+    return [int(i) for i in box[0]]
 
 
 class DistillObjective(LMObjective):
@@ -158,6 +173,14 @@ class DistillObjective(LMObjective):
             report = prune_model(student, batches, int(o["remove"]) if o["select"] != "given" else 0,
                                  select=o["select"], replace=o["replace"], iterative=bool(o["iterative"]),
                                  given=given, metric=o["metric"], progress=False)
+            chosen = rank0_choice(report["chosen"])
+            if chosen != report["chosen"]:  # a near tie scored differently here: rank 0's blocks, fitted here
+                print(f"[rank {self.ctx.rank}] distill: this rank's scores chose blocks {report['chosen']}, rank 0's "
+                      f"chose {chosen} (a near tie); using rank 0's", file=sys.stderr, flush=True)
+                student = copy.deepcopy(teacher)
+                redo = prune_model(student, batches, 0, select="given", given=chosen, replace=o["replace"],
+                                   iterative=bool(o["iterative"]), progress=False)
+                report = {**redo, "select": report["select"], "score": report["score"], "chosen_by_rank0": True}
             self.prune_report = report
             self.ctx.log(f"student: cut blocks {report['chosen']} of the teacher by {report['score']} on {n_cal} "
                          f"calibration blocks ({'linear maps' if o['replace'] == 'linear' else 'removed'})")
