@@ -157,17 +157,31 @@ class _ConsecutiveCosine(torch.autograd.Function):
     ``d cos / d h_i = h_{i+1} / den - cos h_i / |h_i|^2`` (the second term vanishes where the eps
     clamp is active), instead of autograd through a normalisation per pair. Computed in float32 at
     least; nothing is saved beyond per-token scalars (the states are already held by the model's graph).
+
+    Memory: both passes go one state at a time. The forward holds at most two upcast states; the
+    backward builds each state's gradient from its (at most two) pairs in float32 and casts it to the
+    state's dtype at once, so besides the returned gradients it needs about three float32 copies of
+    one state, not float32 copies of every state and of every gradient.
     """
 
     @staticmethod
     def forward(ctx, pair_idx, eps, *states):
-        hs = [None if h is None else _upcast(h) for h in states]
         need = sorted({j for i in pair_idx for j in (i, i + 1)})
-        nsq = {j: torch.linalg.vecdot(hs[j], hs[j]) for j in need}
+        selected = set(pair_idx)
+        nsq: dict[int, torch.Tensor] = {}
+        dots: dict[int, torch.Tensor] = {}
+        prev = None  # the upcast state j - 1 while pair j - 1 still needs it
+        for j in need:
+            h = _upcast(states[j])
+            nsq[j] = torch.linalg.vecdot(h, h)
+            if j - 1 in selected:
+                dots[j - 1] = torch.linalg.vecdot(prev, h)
+            prev = h if j in selected else None
+        del prev
         cos, den = [], []
         for i in pair_idx:
             d = torch.sqrt(nsq[i] * nsq[i + 1]).clamp_min_(eps)
-            cos.append(torch.linalg.vecdot(hs[i], hs[i + 1]) / d)
+            cos.append(dots[i] / d)
             den.append(d)
         cos = torch.stack(cos)
         ctx.pair_idx, ctx.eps, ctx.need, ctx.n_states = pair_idx, eps, need, len(states)
@@ -180,20 +194,31 @@ class _ConsecutiveCosine(torch.autograd.Function):
         cos, den, *rest = ctx.saved_tensors
         k = len(ctx.need)
         raw = dict(zip(ctx.need, rest[:k]))
-        hs = {j: _upcast(h) for j, h in raw.items()}
         nsq = dict(zip(ctx.need, rest[k:]))
-        grads: list[torch.Tensor | None] = [None] * ctx.n_states
+        # the pairs each state belongs to, in pair order: (p, partner); state j is h_i of pair i = j and
+        # h_{i+1} of pair i = j - 1
+        roles: dict[int, list[tuple[int, int]]] = {j: [] for j in ctx.need}
         for p, i in enumerate(ctx.pair_idx):
-            g = grad_cos[p]
-            live = den[p] > ctx.eps  # where the clamp is active the denominator is a constant
-            s1 = (g / den[p]).unsqueeze(-1)
-            gc = g * cos[p]
-            for a, b in ((i, i + 1), (i + 1, i)):
-                s2 = torch.where(live, gc / nsq[a].clamp_min(torch.finfo(nsq[a].dtype).tiny), 0.0).unsqueeze(-1)
-                ga = hs[b] * s1 - hs[a] * s2
-                grads[a] = ga if grads[a] is None else grads[a].add_(ga)
-        out = [None if g is None else g.to(raw[j].dtype) for j, g in enumerate(grads)]
-        return (None, None, *out)
+            roles[i].append((p, i + 1))
+            roles[i + 1].append((p, i))
+        grads: list[torch.Tensor | None] = [None] * ctx.n_states
+        for j in ctx.need:
+            h = raw[j]
+            acc = None
+            for p, b in roles[j]:
+                g = grad_cos[p]
+                live = den[p] > ctx.eps  # where the clamp is active the denominator is a constant
+                s1 = (g / den[p]).unsqueeze(-1)
+                gc = g * cos[p]
+                s2 = torch.where(live, gc / nsq[j].clamp_min(torch.finfo(nsq[j].dtype).tiny), 0.0).unsqueeze(-1)
+                # raw * float32 scale computes in float32 (exact upcast), no upcast copy of the whole state
+                ga = raw[b] * s1
+                ga -= h * s2
+                acc = ga if acc is None else acc.add_(ga)
+                del ga
+            grads[j] = acc.to(h.dtype)
+            del acc
+        return (None, None, *grads)
 
 
 def consecutive_cosine(hidden_states: Sequence[torch.Tensor | None], pair_idx: Sequence[int], eps: float = 1e-8) -> torch.Tensor:

@@ -143,6 +143,110 @@ def test_cosine_bf16_states_gradients_keep_dtype():
         torch.testing.assert_close(g.double(), r, rtol=2e-2, atol=1e-4)
 
 
+def _all_at_once_cosine_grads(states, pair_idx, grad_cos, eps=1e-8):
+    """The closed-form gradient evaluated the straightforward way (every state upcast, float32 gradients kept for
+    all states until the end): the values the one-state-at-a-time backward must reproduce bit for bit."""
+    up = [h.detach().float() if h.dtype in (torch.float16, torch.bfloat16) else h.detach() for h in states]
+    nsq = [torch.linalg.vecdot(h, h) for h in up]
+    grads = [None] * len(states)
+    for p, i in enumerate(pair_idx):
+        den = torch.sqrt(nsq[i] * nsq[i + 1]).clamp_min_(eps)
+        cos = torch.linalg.vecdot(up[i], up[i + 1]) / den
+        g = grad_cos[p]
+        s1 = (g / den).unsqueeze(-1)
+        for a, b in ((i, i + 1), (i + 1, i)):
+            s2 = torch.where(den > eps, g * cos / nsq[a].clamp_min(torch.finfo(nsq[a].dtype).tiny), 0.0).unsqueeze(-1)
+            ga = up[b] * s1 - up[a] * s2
+            grads[a] = ga if grads[a] is None else grads[a].add_(ga)
+    return [None if g is None else g.to(h.dtype) for g, h in zip(grads, states)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pairs", [[0, 1, 2, 3], [0, 2], [3, 1]])
+def test_cosine_backward_exact_values(dtype, pairs):
+    from linreg.regularizers import consecutive_cosine
+
+    leaves = [s.detach().to(dtype).requires_grad_(True) for s in _states(n_states=5, b=2, t=9, d=16, seed=8)]
+    with torch.no_grad():
+        leaves[2][0, 0].zero_()  # one token on the eps clamp
+    cos = consecutive_cosine(leaves, pairs)
+    grad_cos = torch.randn(cos.shape, generator=torch.Generator().manual_seed(9))
+    got = torch.autograd.grad(cos, leaves, grad_cos, allow_unused=True)
+    want = _all_at_once_cosine_grads(leaves, pairs, grad_cos)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert g.dtype == dtype and torch.equal(g, w)
+
+
+class _LiveBytes:
+    """Bytes of tensor storage created by aten ops inside the context that are still alive, and their peak."""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        st = t.untyped_storage()
+                        key, n = st.data_ptr(), st.nbytes()
+                        if n and key not in tracker.seen:
+                            tracker.seen.add(key)
+                            tracker.live += n
+                            tracker.peak = max(tracker.peak, tracker.live)
+                            weakref.finalize(st, tracker._free, key, n)
+                return out
+
+        self.mode = Mode()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key, n):
+        self.live -= n
+        self.seen.discard(key)
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    def start(self) -> int:
+        self.peak = self.live
+        return self.live
+
+
+def test_cosine_regularizer_memory_one_state_at_a_time():
+    """bf16 states: the forward holds at most two float32 upcasts, the backward about three float32 copies of one
+    state besides the bf16 gradients it returns (before: float32 copies of every state, and float32 gradients of
+    every state until the end: about 2 x 4 bytes per element per state)."""
+    n_states, shape = 9, (2, 32, 128)
+    f32_state = 4 * shape[0] * shape[1] * shape[2]  # bytes of one state in float32
+    g = torch.Generator().manual_seed(10)
+    leaves = [torch.randn(shape, generator=g).to(torch.bfloat16).requires_grad_(True) for _ in range(n_states)]
+    reg = build_regularizer("cosine", weight=1.0)
+    with _LiveBytes() as mem:
+        states = [h * 1 for h in leaves]  # non-leaf states, as in a model's graph
+        base = mem.start()
+        loss = reg(states)
+        fwd_peak = mem.peak - base
+        base = mem.start()
+        loss.backward()
+        bwd_peak = mem.peak - base
+    assert fwd_peak < 3.5 * f32_state, fwd_peak / f32_state
+    # the returned bf16 gradients alone are n_states / 2 float32 states
+    assert bwd_peak < (n_states / 2 + 4) * f32_state, bwd_peak / f32_state
+    assert all(h.grad is not None and h.grad.dtype == torch.bfloat16 for h in leaves)
+
+
 def _tiny_mistral():
     from transformers import MistralConfig, MistralForCausalLM
 
