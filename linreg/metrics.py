@@ -30,11 +30,21 @@ float32 rounding of the inputs) are treated as zero, which makes the score well 
 for rank-deficient X (duplicated, zero or linearly dependent features). The Gram route costs two
 ``n x d x d`` float64 products and O(d^2) memory independent of n, versus an SVD of the whole
 ``n x d`` matrix for the pseudo-inverse route of the paper's notebook.
+
+The cut-off is never below ``d * eps`` of the statistics' dtype (the eigensolver's own accuracy).
+In float64 that is 1e-12 or less up to d = 4503. ``LinearityAccumulator(dtype=torch.float32)`` is
+lossy: its cut-off is ``d * eps32`` (4.9e-4 of the largest eigenvalue at d = 4096), which drops real
+directions of hidden states with spread spectra, so their scores come out too low. Every result
+therefore carries ``rank`` (directions kept), ``features`` (non-constant features) and
+``precision_cut`` (dropped directions clearly above rounding noise), and a :class:`PrecisionWarning`
+is raised once when ``precision_cut > 0``. NaN/Inf in the inputs raise DataError instead of
+silently dropping the feature (a NaN diagonal entry fails every comparison).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,6 +55,7 @@ from linreg.errors import DataError, NotEnoughTokensError
 __all__ = [
     "DEFAULT_RTOL",
     "LayerLinearity",
+    "PrecisionWarning",
     "LinearityAccumulator",
     "linearity_score",
     "linearity_wo_residual",
@@ -75,6 +86,16 @@ class LayerLinearity:
     ``baseline`` is the chance level ``rank(X)/(n_tokens-1)`` of ``linearity`` and
     ``linearity_wo_residual`` (equal to ``dim/(n_tokens-1)`` when X has full rank).
     A metric that is undefined (a target constant over all tokens) is NaN, and None in ``to_dict``.
+
+    ``rank`` is the number of directions of X kept in the least-squares solve and ``features`` the
+    number of features of X that vary over the tokens (``rank <= features <= dim``). ``rank <
+    features`` means dependent features: exactly (duplicated, or tied by a norm), or too weak to
+    resolve. ``precision_cut`` counts the dropped directions whose eigenvalue was clearly above
+    rounding noise (``64 * eps`` of the largest) but below the cut-off that the accumulation dtype
+    forces (``d * eps``; with float32 statistics 1.2e-4 of the largest eigenvalue at d = 1024): real
+    directions whose share of Y is missing from the scores, so they come out too low (a lower bound:
+    weaker real directions are dropped too). It is 0 with float64 statistics up to d = 4503 (see
+    :class:`PrecisionWarning`).
     """
 
     linearity: float
@@ -84,6 +105,9 @@ class LayerLinearity:
     n_tokens: int
     dim: int
     baseline: float
+    rank: int | None = None
+    features: int | None = None
+    precision_cut: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become None)."""
@@ -92,6 +116,53 @@ class LayerLinearity:
             if isinstance(value, float) and not math.isfinite(value):
                 out[key] = None
         return out
+
+
+class PrecisionWarning(UserWarning):
+    """Real directions of X were dropped because of the accumulation dtype's resolution.
+
+    Emitted once per process and statistics dtype; ``LayerLinearity.precision_cut`` says how many
+    directions each block lost. With float32 statistics the fix is float64 (the default).
+    """
+
+
+_PRECISION_WARNED: set[str] = set()
+
+
+def _warn_precision(proj: "_Projector") -> None:
+    key = str(proj.dtype)
+    if proj.precision_cut <= 0 or key in _PRECISION_WARNED:
+        return
+    _PRECISION_WARNED.add(key)
+    name = key.replace("torch.", "")
+    if proj.dtype == torch.float64:
+        advice = (f"this is the accuracy limit of the float64 eigensolver at d = {proj.dim}; the lost share is "
+                  f"at most the energy of Y in those directions")
+    else:
+        advice = "accumulate the statistics in float64 (the default; --accumulate-dtype float64)"
+    warnings.warn(
+        f"{name} linearity statistics keep {proj.rank} of the {proj.features} non-constant feature directions "
+        f"of X; at least {proj.precision_cut} of the dropped ones are real directions (eigenvalues between the "
+        f"{name} rounding level, 64 eps, and the eigensolver cut-off, d * eps = {proj.cut:.1e} of the largest), "
+        f"so the scores miss their share of Y and come out too low; {advice}. Warned once; "
+        f"LayerLinearity.rank, .features and .precision_cut give the numbers of every block.",
+        PrecisionWarning,
+        stacklevel=2,
+    )
+
+
+def _nonfinite(where: str, dtype: torch.dtype | None = None) -> DataError:
+    extra = ""
+    if dtype is not None and dtype != torch.float64:
+        extra = f", or the {str(dtype).replace('torch.', '')} statistics overflowed (accumulate in float64)"
+    return DataError(
+        f"non-finite hidden states (NaN or Inf) in {where}: fp16 overflow? run the model in bfloat16 or "
+        f"float32 (--dtype bfloat16/float32){extra}; a score of such data would be meaningless"
+    )
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,18 +204,27 @@ class _Projector:
     """Pseudo-inverse of a centered Gram matrix ``Cxx`` in Jacobi-scaled coordinates.
 
     ``Cxx^+ ~= S V diag(1/lam) V^T S`` restricted to the non-constant features ``idx``, with
-    ``S = diag(Cxx[idx, idx])^-1/2`` and the eigenpairs (lam, V) of ``S Cxx S`` above the cut-off.
+    ``S = diag(Cxx[idx, idx])^-1/2`` and the eigenpairs (lam, V) of ``S Cxx S`` above the cut-off
+    ``cut = max(rtol, d * eps) * max(lam)``. ``precision_cut`` counts the eigenvalues above
+    ``max(rtol, 64 * eps) * max(lam)`` (clearly above the rounding noise of an exact dependency)
+    that the cut still drops: directions lost to the dtype's resolution, not dependent features.
     """
 
     def __init__(self, cxx: torch.Tensor, n: int, mean_x: torch.Tensor, rtol: float):
         diag = cxx.diagonal()
         eps = torch.finfo(cxx.dtype).eps
+        self.dtype = cxx.dtype
+        self.dim = cxx.shape[0]
         # eigenvalues below ~d * eps * max are rounding noise of eigh itself, whatever rtol says
-        rtol = max(float(rtol), cxx.shape[0] * eps)
+        self.cut = max(float(rtol), self.dim * eps)
+        floor = max(float(rtol), 64 * eps)
+        self.precision_cut = 0
+        if not _all_finite(diag, mean_x):
+            raise _nonfinite("x", cxx.dtype)  # callers check first; NaN would silently drop features here
         const_level = n * (64 * eps * mean_x.abs()) ** 2
         ok = (diag > const_level) & (diag > 0)
         self.idx = torch.nonzero(ok).flatten()
-        self.dim = cxx.shape[0]
+        self.features = int(self.idx.numel())
         if self.idx.numel() == 0:
             self.scale = diag.new_zeros(0)
             self.vecs = cxx.new_zeros(0, 0)
@@ -155,10 +235,13 @@ class _Projector:
         gs = sub * scale[:, None] * scale[None, :]
         gs = 0.5 * (gs + gs.T)
         lam, vecs = torch.linalg.eigh(gs)
-        keep = lam > rtol * lam.max().clamp_min(0)
+        top = lam.max().clamp_min(0)
+        keep = lam > self.cut * top
+        self.precision_cut = int(((lam > floor * top) & ~keep).sum())
         self.scale = scale
         self.lam = lam[keep]
         self.vecs = vecs[:, keep]
+        _warn_precision(self)
 
     @property
     def rank(self) -> int:
@@ -208,6 +291,11 @@ class LinearityAccumulator:
     bool or 0/1) selects the tokens to count (exclude padding). ``all_reduce`` merges the statistics
     of every torch.distributed rank in place, so all ranks then score the union of their tokens.
 
+    ``dtype`` (default float64) is the dtype of the statistics and of the solve. float32 is lossy, not
+    just in the last digits: eigenvalues below ``d * eps32`` of the largest are cut (real directions of
+    spread-spectrum hidden states; see the module docstring and ``LayerLinearity.precision_cut``). Use
+    it only where float64 is much slower (consumer GPUs); H100/H200-class GPUs run float64 fast.
+
     Read-only attributes (after the first update): ``n_tokens``; ``mean_x``, ``mean_y`` [d];
     ``cxx``, ``cxz`` [d, d] (centered); ``qy``, ``qz`` [d] (centered column sums of squares of Y and
     of Y - X, so ``qy.sum()`` is ``||Yc||_F^2``); ``sums`` = [sum of ||y-x||/||x||, sum of cos(x, y)].
@@ -223,6 +311,7 @@ class LinearityAccumulator:
         self.device = torch.device(device) if device is not None else None
         self.n_tokens = 0
         self._alloc_done = False
+        self._reduced = False
 
     # -- storage ------------------------------------------------------------------------------
     def _alloc(self, device: torch.device) -> None:
@@ -348,28 +437,39 @@ class LinearityAccumulator:
 
         Ranks' means differ, so centered moments cannot simply be summed: each rank first moves its
         moments from its own mean to the global mean (``C + n_r d_r d_r^T`` with ``d_r = mean_r -
-        mean``, a sum of positive terms, no cancellation), then everything is summed. Two collectives.
+        mean``, a sum of positive terms, no cancellation), then everything is summed. Three
+        collectives: the token counts (int64, exact at any count), the weighted means, the moments.
         A no-op when torch.distributed is not initialized (a world of one). Every rank must call it,
-        also ranks that saw no tokens.
+        also ranks that saw no tokens. Allowed once per accumulator: afterwards every rank holds the
+        union, so a second call would count every rank's tokens again (DataError); use a fresh
+        accumulator for the next measurement.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
+        if self._reduced:
+            raise DataError(
+                "all_reduce: this accumulator already holds the statistics of every rank; a second all_reduce "
+                "would count each rank's tokens again (use a fresh LinearityAccumulator per measurement)"
+            )
         if not self._alloc_done:
             dev = self.device
             if dev is None:
                 dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
             self._alloc(dev)
         d = self.dim
-        n_local = float(self.n_tokens)
-        head = torch.cat([self.sums.new_tensor([n_local]), n_local * self.mean_x, n_local * self.mean_y])
-        dist.all_reduce(head, group=group)
-        n_total = head[0].item()
+        count = torch.tensor([self.n_tokens], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count, group=group)
+        n_total = int(count.item())
+        self._reduced = True
         if n_total == 0:
             return self
-        gx = head[1 : 1 + d] / n_total
-        gy = head[1 + d :] / n_total
+        n_local = float(self.n_tokens)
+        head = torch.cat([n_local * self.mean_x, n_local * self.mean_y])
+        dist.all_reduce(head, group=group)
+        gx = head[:d] / n_total
+        gy = head[d:] / n_total
         dx = self.mean_x - gx
         dy = self.mean_y - gy
         dz = dy - dx
@@ -391,7 +491,7 @@ class LinearityAccumulator:
         self.sums.copy_(body[2 * dd + 2 * d :])
         self.mean_x.copy_(gx)
         self.mean_y.copy_(gy)
-        self.n_tokens = int(round(n_total))
+        self.n_tokens = n_total
         return self
 
     # -- results ------------------------------------------------------------------------------
@@ -399,12 +499,25 @@ class LinearityAccumulator:
         if self.n_tokens <= self.dim + 1:
             raise NotEnoughTokensError(self.n_tokens, self.dim, what)
 
+    def _check_finite(self) -> None:
+        """DataError if a NaN/Inf reached the statistics (NaN would otherwise drop features silently)."""
+        if not _all_finite(self.mean_x, self.cxx):
+            raise _nonfinite("x (the block input)", self.dtype)
+        if not _all_finite(self.mean_y, self.cxz, self.qy, self.qz, self.sums):
+            raise _nonfinite("y (the block output)", self.dtype)
+
     def _projector(self, rtol: float) -> _Projector:
+        self._check_finite()
         return _Projector(self.cxx, self.n_tokens, self.mean_x, rtol)
 
     @torch.no_grad()
     def result(self, rtol: float = DEFAULT_RTOL) -> LayerLinearity:
-        """All metrics of the tokens seen so far (raises NotEnoughTokensError if n <= d + 1)."""
+        """All metrics of the tokens seen so far.
+
+        Raises NotEnoughTokensError if n <= d + 1, and DataError if the statistics are not finite
+        (NaN/Inf hidden states). Warns once (:class:`PrecisionWarning`) when the accumulation dtype
+        forced real directions of X out of the solve (``precision_cut > 0``).
+        """
         self._check_enough("linearity score")
         proj = self._projector(rtol)
         cxy = self.cxx + self.cxz
@@ -417,6 +530,9 @@ class LinearityAccumulator:
             n_tokens=n,
             dim=self.dim,
             baseline=chance_level(n, proj.rank),
+            rank=proj.rank,
+            features=proj.features,
+            precision_cut=proj.precision_cut,
         )
 
     @torch.no_grad()
@@ -482,6 +598,11 @@ def _one_shot(x: Any, y: Any, residual: bool, rtol: float, what: str) -> tuple[f
         raise NotEnoughTokensError(n, d, what)
     with torch.no_grad():
         mom = _PairMoments(x2.detach(), y2.detach(), residual)
+        # any NaN/Inf in a column makes its mean non-finite (and the products of that column)
+        if not _all_finite(mom.mean_x, mom.cxx):
+            raise _nonfinite("x")
+        if not _all_finite(mom.mean_t, mom.cxt, mom.qt):
+            raise _nonfinite("y")
         proj = _Projector(mom.cxx, n, mom.mean_x, rtol)
         return _share(proj, mom.cxt, mom.qt), proj.rank, n
 
@@ -531,6 +652,7 @@ def per_token_error(x: torch.Tensor, y: torch.Tensor, *, rtol: float = DEFAULT_R
     With X~, Y~ centered and scaled to unit Frobenius norm and A the least-squares map,
     returns ``||(X~ A - Y~)_i||^2`` for each token i (float64, shape ``[n]``, on x's device); the
     values sum to ``1 - linearity_score(x, y)``. Materializes the centered float64 matrices.
+    Raises DataError on NaN/Inf in x or y.
     """
     x2, y2 = _check_pair(x, y)
     n, d = x2.shape
@@ -539,6 +661,10 @@ def per_token_error(x: torch.Tensor, y: torch.Tensor, *, rtol: float = DEFAULT_R
     with torch.no_grad():
         xc = x2.detach().double()
         yc = y2.detach().double()
+        if not _all_finite(xc):
+            raise _nonfinite("x")
+        if not _all_finite(yc):
+            raise _nonfinite("y")
         mean_x = xc.mean(dim=0)
         xc = xc - mean_x
         yc = yc - yc.mean(dim=0)

@@ -203,6 +203,90 @@ def test_shape_errors():
         acc.update(torch.randn(2, 5, 4), torch.randn(2, 5, 4), mask=torch.ones(2, 4))
 
 
+def test_non_finite_inputs_are_refused():
+    """One Inf or NaN must not drop its feature silently and yield a normal-looking score."""
+    from linreg.errors import DataError
+
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(300, 8, generator=g)
+    y = x @ torch.randn(8, 8, generator=g)  # exactly linear: a real score would be 1
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        xb = x.clone()
+        xb[205, 0] = bad
+        yb = y.clone()
+        yb[7, 3] = bad
+        for fn in (linearity_score, linearity_wo_residual, per_token_error):
+            with pytest.raises(DataError, match=r"non-finite hidden states .* in x: fp16 overflow\? .*bfloat16"):
+                fn(xb, y)
+            with pytest.raises(DataError, match=r"non-finite hidden states .* in y"):
+                fn(x, yb)
+        for dtype in (torch.float64, torch.float32):
+            acc = LinearityAccumulator(8, dtype=dtype).update(x[:100], y[:100]).update(xb[100:], y[100:])
+            with pytest.raises(DataError, match=r"in x \(the block input\)"):
+                acc.result()
+            with pytest.raises(DataError, match="non-finite"):
+                acc.fit_affine()
+            acc = LinearityAccumulator(8, dtype=dtype).update(x, yb)
+            with pytest.raises(DataError, match=r"in y \(the block output\)") as info:
+                acc.result()
+            assert ("float32 statistics overflowed" in str(info.value)) == (dtype == torch.float32)
+        xb[205, 0] = 1.0  # the same data made finite again scores normally
+        assert linearity_score(xb, y) > 0.99
+
+
+def _spread_spectrum(n: int, d: int, seed: int):
+    """Float32 x whose centered singular values spread over 1 .. 1e-4 (log-spaced), y using every direction."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -4, d, dtype=torch.float64)
+    x = (u * s) @ v.T
+    y = u @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.2 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x.float(), y.float()
+
+
+def test_float32_statistics_report_and_warn_about_directions_cut_for_precision(monkeypatch):
+    """float32 statistics cut eigenvalues below d * eps32: real directions are lost (scores too low); the result
+    says how many (rank vs non-constant features, precision_cut) and a PrecisionWarning is raised once. float64
+    statistics keep them all and match the reference; exactly dependent features are no precision cut."""
+    import warnings
+
+    import linreg.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_PRECISION_WARNED", set())
+    n, d = 3000, 256
+    x, y = _spread_spectrum(n, d, seed=32)
+    want = ref_score(np64(x), np64(y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", metrics.PrecisionWarning)
+        r64 = LinearityAccumulator(d).update(x, y).result()
+    assert (r64.rank, r64.features, r64.precision_cut) == (d, d, 0)
+    assert rel(r64.linearity, want) < 1e-8
+    acc32 = LinearityAccumulator(d, dtype=torch.float32)
+    for a in range(0, n, 500):
+        acc32.update(x[a : a + 500], y[a : a + 500])
+    with pytest.warns(metrics.PrecisionWarning, match=r"keep \d+ of the 256 non-constant .*float64") as rec:
+        r32 = acc32.result()
+        acc32.result()  # warned once, not once per call or block
+    assert len(rec) == 1
+    assert r32.features == d and r32.rank < d and r32.precision_cut > 0
+    assert r32.rank + r32.precision_cut <= d
+    assert r32.baseline == pytest.approx(r32.rank / (n - 1))
+    assert want - r32.linearity > 1e-3  # the cost is not in "the last digits"
+    assert r32.to_dict()["precision_cut"] == r32.precision_cut
+    # exactly dependent features (duplicates of a well-conditioned x) lower the rank without a precision cut
+    g = torch.Generator().manual_seed(33)
+    base = torch.randn(n, 200, generator=g)
+    xd = torch.cat([base, base[:, :56] * 2.0], dim=1)
+    yd = torch.tanh(base @ torch.randn(200, d, generator=g) / 10)
+    monkeypatch.setattr(metrics, "_PRECISION_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", metrics.PrecisionWarning)
+        for dtype in (torch.float64, torch.float32):
+            r = LinearityAccumulator(d, dtype=dtype).update(xd, yd).result()
+            assert (r.rank, r.features, r.precision_cut) == (200, d, 0), dtype
+
+
 # ----------------------------------------------------------------------------------------------
 # accumulator
 
@@ -296,7 +380,9 @@ def test_to_dict_is_json_ready():
     r = layer_linearity(*make_pair(300, 6, seed=16))
     assert isinstance(r, LayerLinearity)
     d = r.to_dict()
-    assert set(d) == {"linearity", "linearity_wo_residual", "contribution_norm", "cosine", "n_tokens", "dim", "baseline"}
+    assert set(d) == {"linearity", "linearity_wo_residual", "contribution_norm", "cosine", "n_tokens", "dim", "baseline",
+                      "rank", "features", "precision_cut"}
+    assert (d["rank"], d["features"], d["precision_cut"]) == (6, 6, 0)
     json.dumps(d, allow_nan=False)
     # an identity block has an undefined wo-residual score: NaN in the dataclass, None in JSON
     x = make_pair(300, 6, seed=17)[0]
@@ -313,6 +399,8 @@ def test_to_dict_is_json_ready():
 def _rank_worker(rank: int, world: int, init_file: str, data_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from linreg.errors import DataError
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -322,6 +410,17 @@ def _rank_worker(rank: int, world: int, init_file: str, data_file: str, out_dir:
         # uneven batches inside the rank too
         acc.update(x[:7], y[:7]).update(x[7:], y[7:])
         acc.all_reduce()
+        try:  # a second all_reduce would count every rank's tokens twice: refused (on every rank, no collective)
+            acc.all_reduce()
+            second = "no error"
+        except DataError as exc:
+            second = str(exc)
+        # token counts travel as int64: 2**24 + 3 is not a float32 number
+        big = LinearityAccumulator(1, dtype=torch.float32)
+        xb = torch.randn(2**24 + 1 if rank == 0 else 2, 1, generator=torch.Generator().manual_seed(rank))
+        big.update(xb, 2 * xb)
+        big.all_reduce()
+        del xb
         # an accumulator that saw nothing on rank 1
         acc_empty = LinearityAccumulator(x.shape[-1])
         if rank == 0:
@@ -329,7 +428,8 @@ def _rank_worker(rank: int, world: int, init_file: str, data_file: str, out_dir:
         acc_empty.all_reduce()
         w, b = acc.fit_affine()
         torch.save(
-            {"result": acc.result().to_dict(), "n": acc.n_tokens, "w": w, "b": b, "empty": acc_empty.result().to_dict()},
+            {"result": acc.result().to_dict(), "n": acc.n_tokens, "w": w, "b": b, "empty": acc_empty.result().to_dict(),
+             "second": second, "n_big": big.n_tokens},
             f"{out_dir}/rank{rank}.pt",
         )
     finally:
@@ -353,6 +453,8 @@ def test_all_reduce_two_gloo_ranks_scores_the_union(tmp_path):
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert out["n"] == 640
+        assert "already holds the statistics of every rank" in out["second"]
+        assert out["n_big"] == 2**24 + 3
         assert rel(out["result"]["linearity"], want) < 1e-9
         assert rel(out["result"]["linearity_wo_residual"], want_wo) < 1e-9
         assert rel(out["result"]["contribution_norm"], contribution_norm(xu, yu)) < 1e-9
