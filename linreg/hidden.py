@@ -266,6 +266,10 @@ def measure_model(
     mode (the previous mode is restored). With ``distributed=True`` the statistics of all
     torch.distributed ranks are merged, so every rank gets the metrics of the union of the tokens
     (every rank must call it). ``layers`` restricts the result to those pairs (default: all).
+    ``accumulate_dtype`` is the dtype of the statistics: keep float64; float32 cuts eigenvalues
+    below ``d * eps32`` and so drops real directions of spread-spectrum states (scores too low; see
+    ``LayerLinearity.precision_cut`` and ``linreg.metrics.PrecisionWarning``). Raises DataError on
+    NaN/Inf hidden states.
     """
     base = _unwrap(model)
     blocks = find_blocks(base)

@@ -241,6 +241,13 @@ def test_measure_model_errors():
         measure_model(m, [{"ids": _ids(1, 4)}])
     with pytest.raises(ConfigError, match="process group"):
         measure_model(m, [{"input_ids": _ids(2, 30)}], distributed=True)
+    # an overflowing model (one Inf in the embeddings) is refused, not scored without the broken feature
+    with torch.no_grad():
+        m.model.embed_tokens.weight[5, 0] = float("inf")
+    ids = _ids(2, 30)
+    ids[0, 3] = 5
+    with pytest.raises(DataError, match=r"non-finite hidden states .* in x \(the block input\)"):
+        measure_model(m, [{"input_ids": ids}])
 
 
 def test_measure_model_distributed_rank_without_batches(tmp_path):
