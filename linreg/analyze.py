@@ -14,7 +14,8 @@ A training run::
     linreg analyze --checkpoints runs/mistral-150m --out results/dynamics            # every checkpoints/step_N
     linreg analyze --checkpoints runs/mistral-150m --from-log --out results/dynamics # linearity.jsonl, no model
 
-adds ``DIR/linearity_dynamics.png`` (linearity of every block against the training step).
+adds ``DIR/linearity_dynamics.png`` (linearity of every block against the training step); with ``--error-layers``
+also ``DIR/errors.png`` with one panel per checkpoint.
 
 Memory: the model runs over batches; forward hooks fold each block's (input, output) pair into float64
 sufficient statistics (``linreg.metrics.LinearityAccumulator``: O(d^2) per block, independent of the token
@@ -25,6 +26,11 @@ Per-token errors need the fitted least-squares map, which exists only after all 
 pass over the first ``--error-tokens`` tokens (default 16384) applies the map fitted on all ``--max-tokens``
 tokens and records each token's relative squared error ``||x W + b - y||^2 / mean_t ||y_t - mean(y)||^2``
 (its mean over all fitted tokens is ``1 - linearity``). Memory of that pass: one float per token and layer.
+
+Checked before the model runs: the token budget, ``--seq-len`` against the context of learned position
+embeddings, and the token ids against the model's embedding rows (both would end in an IndexError or a CUDA
+device-side assert). NaN/Inf hidden states raise DataError naming the model (or checkpoint) and block.
+``--accumulate-dtype float32`` is lossy (``linreg.metrics``); each block reports rank / features / precision_cut.
 """
 
 from __future__ import annotations
@@ -55,7 +61,15 @@ data:
 
 tokens:
   The score needs more tokens than the hidden size (n > d + 1) and is only meaningful far above the chance
-  level d/(n-1) that linearity.json reports as "baseline"; e.g. d=4096 wants 100k+ tokens.
+  level d/(n-1) that linearity.json reports as "baseline"; e.g. d=4096 wants 100k+ tokens. --seq-len must fit
+  the context of models with learned position embeddings (GPT-2, OPT), and the tokenizer's ids the model's
+  vocabulary; both are checked before the model runs.
+
+precision:
+  Statistics are float64 by default, also on GPUs: keep it. NaN/Inf hidden states (e.g. fp16 overflow) are
+  refused with an error naming the model and block. Each block in linearity.json reports rank (directions of
+  its input kept), features (non-constant features) and precision_cut (real directions dropped only because
+  of float32 statistics: then the scores are too low).
 
 examples:
   linreg analyze --model gpt2 --data hf:roneneldan/TinyStories --split validation --out out/gpt2
@@ -63,6 +77,7 @@ examples:
   linreg analyze --model meta-llama/Llama-2-7b-hf --dtype bfloat16 --device cuda --batch-size 4 \\
       --seq-len 1024 --max-tokens 262144 --data hf:roneneldan/TinyStories --split validation --out out/llama
   linreg analyze --checkpoints runs/mistral-150m --out out/dynamics
+  linreg analyze --checkpoints runs/mistral-150m --error-layers 0,-1 --out out/dynamics
   linreg analyze --checkpoints runs/mistral-150m --from-log --out out/dynamics
 """
 
@@ -105,6 +120,54 @@ def check_token_budget(n_tokens: int, dim: int, what: str) -> None:
         raise NotEnoughTokensError(n_tokens, dim, what)
 
 
+_POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
+
+
+def learned_position_limit(model: torch.nn.Module) -> int | None:
+    """Longest sequence a model with learned absolute position embeddings (GPT-2, OPT, GPT-Neo...) accepts;
+    None for rotary or ALiBi models (Llama, Mistral, BLOOM, NeoX), which have no hard limit."""
+    tables = [m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS]
+    if not tables:
+        return None
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return min(int(t.num_embeddings) for t in tables)
+
+
+def check_model_inputs(model: torch.nn.Module, blocks: np.ndarray, what: str, tokenizer: str) -> None:
+    """ConfigError (with the numbers) before any forward pass when the sequences are longer than a learned position
+    table or the token ids do not fit the embedding (both end in an IndexError / CUDA device-side assert)."""
+    seq_len = int(blocks.shape[1])
+    limit = learned_position_limit(model)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"{what}: sequences of {seq_len} tokens exceed the model's context of {limit} positions "
+                          f"(learned position embeddings, config n_positions / max_position_embeddings); "
+                          f"use --seq-len {limit} or less")
+    try:
+        rows = int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        return
+    hi, lo = int(blocks.max()), int(blocks.min())
+    if hi >= rows or lo < 0:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        raise ConfigError(f"{what}: the tokenizer ({tokenizer}) produces token id {hi if hi >= rows else lo}, but the "
+                          f"model's input embedding has {rows} rows (vocab_size {vocab}): ids must lie in 0..{rows - 1}; "
+                          f"use the model's own tokenizer (--tokenizer)")
+
+
+def accumulate_dtype_of(name: str | None) -> torch.dtype:
+    """``--accumulate-dtype`` (None = the default, float64)."""
+    if name in (None, "float64"):
+        return torch.float64
+    if name == "float32":
+        return torch.float32
+    raise ConfigError(f"--accumulate-dtype {name!r}: choose float64 or float32")
+
+
 def batches_of(blocks: np.ndarray, batch_size: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": torch.from_numpy(np.ascontiguousarray(blocks[i:i + batch_size]))}
             for i in range(0, len(blocks), batch_size)]
@@ -136,16 +199,36 @@ def parse_layers(text: str | None, n: int) -> list[int]:
 # ------------------------------------------------------------------------------------------- measurement
 
 
+RANK_KEYS = ("rank", "features", "precision_cut")
+
+
 def _layer_entries(stats, n_blocks: int) -> list[dict[str, Any]]:
     layers = []
     for i in range(n_blocks):
-        res = stats.result(i).to_dict()
+        try:
+            res = stats.result(i).to_dict()
+        except NotEnoughTokensError:
+            raise
+        except DataError as exc:
+            raise DataError(f"block {i}: {exc}") from exc
         entry = {"layer": i}
         entry.update({k: res[k] for k in METRICS})
         entry["angular_distance"] = stats.angular(i)
         entry["baseline"] = res["baseline"]
+        entry.update({k: res[k] for k in RANK_KEYS})
         layers.append(entry)
     return layers
+
+
+def precision_note(layers: list[dict]) -> str | None:
+    """One line when the statistics' dtype cut real directions in some block (float32 statistics), else None."""
+    cut = [(x["layer"], x.get("precision_cut") or 0) for x in layers if (x.get("precision_cut") or 0) > 0]
+    if not cut:
+        return None
+    worst = max(cut, key=lambda c: c[1])
+    return (f"note: in {len(cut)} block(s) the statistics' dtype cut real directions of the input (most: "
+            f"{worst[1]} in block {worst[0]}; see rank / features / precision_cut in linearity.json): those "
+            f"scores are too low; rerun with --accumulate-dtype float64")
 
 
 @torch.no_grad()
@@ -157,7 +240,8 @@ def token_errors(model: torch.nn.Module, batches: Iterable[dict], fits: dict[int
 
     out: dict[int, list[np.ndarray]] = {i: [] for i in fits}
     device = _model_device(model)
-    dev_fits = {i: (w.to(device), b.to(device), e) for i, (w, b, e) in fits.items()}
+    # float64 whatever the statistics' dtype (float32 accumulators fit float32 maps)
+    dev_fits = {i: (w.to(device, torch.float64), b.to(device, torch.float64), e) for i, (w, b, e) in fits.items()}
     budget = {"left": int(max_tokens)}
 
     def sink(i, x, y):
@@ -234,6 +318,14 @@ def measure(model: torch.nn.Module, blocks: np.ndarray, *, batch_size: int, erro
     return part, errors
 
 
+def error_distribution(errors: dict[int, np.ndarray]) -> dict[str, Any]:
+    return {
+        "normalization": "||x W + b - y||^2 / mean_t ||y_t - mean(y)||^2 with (W, b) fitted on all n_tokens; "
+                         "the mean over the fitted tokens is 1 - linearity",
+        "layers": [{"layer": i, **error_summary(e)} for i, e in sorted(errors.items())],
+    }
+
+
 def _nanmean(values: list) -> float | None:
     v = [x for x in values if x is not None and math.isfinite(x)]
     return sum(v) / len(v) if v else None
@@ -265,9 +357,16 @@ def analyze_model(name: str, data: str, *, max_tokens: int, seq_len: int, batch_
     n_blocks = len(find_blocks(model))
     dim = dim or int(model.config.hidden_size)
     check_token_budget(n_tok, dim, f"{name} on {data} ({len(blocks)} blocks of {seq_len})")
+    check_model_inputs(model, blocks, str(name), str(tokenizer or name))
     err_layers = parse_layers(error_layers, n_blocks)
-    part, errors = measure(model, blocks, batch_size=batch_size, error_layers=err_layers, error_tokens=error_tokens,
-                           accumulate_dtype=accumulate_dtype, progress=progress, desc=f"linearity {label or name}")
+    try:
+        part, errors = measure(model, blocks, batch_size=batch_size, error_layers=err_layers,
+                               error_tokens=error_tokens, accumulate_dtype=accumulate_dtype, progress=progress,
+                               desc=f"linearity {label or name}")
+    except NotEnoughTokensError:
+        raise
+    except DataError as exc:
+        raise DataError(f"{name}: {exc}") from exc
     entry = {
         "model": str(name),
         "label": label or _short(name),
@@ -276,17 +375,14 @@ def analyze_model(name: str, data: str, *, max_tokens: int, seq_len: int, batch_
         "num_blocks": n_blocks,
         "hidden_size": dim,
         "dtype": str(tdtype).replace("torch.", ""),
+        "accumulate_dtype": str(accumulate_dtype).replace("torch.", ""),
         "device": str(dev),
         "data": {"source": str(data), "seq_len": seq_len, "blocks": int(len(blocks)), **(source_kwargs or {})},
         "pairs": PAIRS,
         **part,
     }
     if errors:
-        entry["error_distribution"] = {
-            "normalization": "||x W + b - y||^2 / mean_t ||y_t - mean(y)||^2 with (W, b) fitted on all n_tokens; "
-                             "the mean over the fitted tokens is 1 - linearity",
-            "layers": [{"layer": i, **error_summary(e)} for i, e in sorted(errors.items())],
-        }
+        entry["error_distribution"] = error_distribution(errors)
     del model
     return entry, errors
 
@@ -406,12 +502,22 @@ def _load_run_recipe(run_dir: Path):
     return from_dict(Recipe, data)
 
 
-def analyze_checkpoints(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Profiles of every complete checkpoint of a run (or of its linearity.jsonl with ``--from-log``)."""
+def analyze_checkpoints(run_dir: Path, args: argparse.Namespace,
+                        errors_out: list[tuple[str, dict[int, np.ndarray]]] | None = None) -> dict[str, Any]:
+    """Profiles of every complete checkpoint of a run (or of its linearity.jsonl with ``--from-log``).
+
+    ``args`` are the CLI options (``build_parser``). With ``--error-layers`` each checkpoint also gets its per-token
+    error distribution; the raw errors are appended to ``errors_out`` as ``("step N", {layer: errors})``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"--checkpoints {run_dir}: no such folder")
+    error_layers = getattr(args, "error_layers", None)
+    acc_name = getattr(args, "accumulate_dtype", None)
     if args.from_log:
+        given = [opt for opt, v in (("--error-layers", error_layers), ("--accumulate-dtype", acc_name)) if v is not None]
+        if given:
+            raise ConfigError(f"--from-log plots the values the run logged (no model runs): {' and '.join(given)} "
+                              f"need the checkpoints' models; drop --from-log")
         log = run_dir / "linearity.jsonl"
         if not log.is_file():
             raise CheckpointError(f"{log}: not found (tracking was off, or the run wrote nothing yet)")
@@ -440,15 +546,20 @@ def analyze_checkpoints(run_dir: Path, args: argparse.Namespace) -> dict[str, An
     tok, blocks, source = _run_tokenizer_and_blocks(run_dir, recipe, args)
     dev = resolve_device(args.device)
     tdtype = resolve_dtype(args.dtype, dev)
+    acc_dtype = accumulate_dtype_of(acc_name)
     model = None
     out = []
     arch_from = None
+    err_layers: list[int] = []
     for step, path in found:
         state = load_checkpoint_state(path)
         if model is None:
             model, arch_from = _run_architecture(run_dir, recipe, state, args.arch)
             dim = int(model.config.hidden_size)
             check_token_budget(int(blocks.size), dim, f"{run_dir} on {source}")
+            check_model_inputs(model, blocks, f"{run_dir} ({arch_from})",
+                               str(args.tokenizer or getattr(tok, "name_or_path", None) or "the run's tokenizer"))
+            err_layers = parse_layers(error_layers, len(find_blocks(model)))
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         missing = [k for k in missing if k not in tied and not k.startswith("lm_head")]
@@ -456,10 +567,22 @@ def analyze_checkpoints(run_dir: Path, args: argparse.Namespace) -> dict[str, An
             raise CheckpointError(f"{path}: weights do not match the architecture from {arch_from} "
                                   f"(missing {missing[:5]}, unexpected {list(unexpected)[:5]})")
         model.to(device=dev, dtype=tdtype)
-        part, _ = measure(model, blocks, batch_size=args.batch_size, error_layers=[], error_tokens=0,
-                          progress=not args.no_progress, desc=f"step {step}")
-        out.append({"step": step, "checkpoint": str(path), **part})
+        try:
+            part, errors = measure(model, blocks, batch_size=args.batch_size, error_layers=err_layers,
+                                   error_tokens=args.error_tokens, accumulate_dtype=acc_dtype,
+                                   progress=not args.no_progress, desc=f"step {step}")
+        except NotEnoughTokensError:
+            raise
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from exc
+        rec = {"step": step, "checkpoint": str(path), **part}
+        if errors:
+            rec["error_distribution"] = error_distribution(errors)
+            if errors_out is not None:
+                errors_out.append((f"step {step}", errors))
+        out.append(rec)
     return {"run_dir": str(run_dir), "source": "checkpoints", "architecture_from": arch_from, "data": source,
+            "dtype": str(tdtype).replace("torch.", ""), "accumulate_dtype": str(acc_dtype).replace("torch.", ""),
             "num_blocks": len(find_blocks(model)), "pairs": PAIRS, "checkpoints": out}
 
 
@@ -599,14 +722,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--dtype", default="auto",
-                   help="model weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16; the "
-                        "statistics are float64 regardless")
+                   help="model weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16 (may "
+                        "overflow: non-finite hidden states are refused); the statistics follow --accumulate-dtype")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--accumulate-dtype", default="float64", choices=["float64", "float32"],
-                   help="dtype of the running statistics (default float64; float32 is faster on GPUs without fast "
-                        "float64, at some cost in the last digits)")
-    p.add_argument("--error-layers", default="auto", metavar="I,J,...|auto|all|none",
-                   help="blocks whose per-token error distribution is plotted (default auto: first, middle, last)")
+    p.add_argument("--accumulate-dtype", default=None, choices=["float64", "float32"],
+                   help="dtype of the running statistics and of the solve. float64 (default) is recommended on every "
+                        "device (H100/H200-class GPUs run it fast). float32 is lossy, not just in the last digits: "
+                        "eigenvalues below d*eps32 of the largest (1.2e-4 at d=1024, 4.9e-4 at d=4096) are cut, "
+                        "which drops real directions of hidden states, so the scores come out too low (e.g. "
+                        "1 - linearity 7x too large at d=1024); use it only where float64 is far slower (consumer "
+                        "GPUs). linearity.json reports rank, features and precision_cut of every block")
+    p.add_argument("--error-layers", default=None, metavar="I,J,...|auto|all|none",
+                   help="blocks whose per-token error distribution is plotted to errors.png (auto: first, middle, "
+                        "last). Default: auto with --model; none with --checkpoints, where the given blocks are "
+                        "measured at every checkpoint (one panel per step)")
     p.add_argument("--error-tokens", type=int, default=16384,
                    help="tokens of the second pass that records per-token errors (default 16384)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
@@ -632,10 +761,11 @@ def _main(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     out = Path(args.out)
-    acc_dtype = torch.float64 if args.accumulate_dtype == "float64" else torch.float32
+    acc_dtype = accumulate_dtype_of(args.accumulate_dtype)
 
     if args.checkpoints:
-        result = analyze_checkpoints(Path(args.checkpoints), args)
+        ckpt_errors: list[tuple[str, dict[int, np.ndarray]]] = []
+        result = analyze_checkpoints(Path(args.checkpoints), args, errors_out=ckpt_errors)
         out.mkdir(parents=True, exist_ok=True)
         (out / "linearity.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_dynamics(result, out / "linearity_dynamics.png")
@@ -645,8 +775,15 @@ def _main(args: argparse.Namespace) -> int:
         entries = [{**r, "label": f"step {r['step']}", "_color": cmap(k / max(len(recs) - 1, 1) * 0.85)}
                    for k, r in enumerate(recs)]
         plot_profiles(entries, out / "linearity.png", title=str(args.checkpoints))
+        written = [out / "linearity.json", out / "linearity.png", out / "linearity_dynamics.png"]
+        if ckpt_errors:
+            written.append(plot_errors(ckpt_errors, out / "errors.png"))
         print(f"{len(recs)} checkpoint(s) of {args.checkpoints}: steps {[r['step'] for r in recs]}")
-        print(f"wrote {out / 'linearity.json'}, {out / 'linearity.png'}, {out / 'linearity_dynamics.png'}")
+        for r in recs:
+            note = precision_note(r["layers"])
+            if note:
+                print(f"step {r['step']}: {note}")
+        print("wrote " + ", ".join(str(w) for w in written))
         return 0
 
     if not args.data:
@@ -658,7 +795,8 @@ def _main(args: argparse.Namespace) -> int:
         label = args.labels[k] if args.labels else None
         entry, errs = analyze_model(name, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
                                     batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                                    error_layers=args.error_layers, error_tokens=args.error_tokens,
+                                    error_layers="auto" if args.error_layers is None else args.error_layers,
+                                    error_tokens=args.error_tokens,
                                     tokenizer=args.tokenizer, label=label, accumulate_dtype=acc_dtype,
                                     progress=not args.no_progress, source_kwargs=_source_kwargs(args))
         entries.append(entry)
@@ -697,6 +835,9 @@ def _print_table(entry: dict) -> None:
     for layer in entry["layers"]:
         vals = [layer[m] if layer[m] is not None else float("nan") for m in METRICS]
         print(f"{layer['layer']:>5}  {vals[0]:>9.4f}  {vals[1]:>9.4f}  {vals[2]:>8.4f}  {vals[3]:>7.4f}")
+    note = precision_note(entry["layers"])
+    if note:
+        print(note)
 
 
 if __name__ == "__main__":

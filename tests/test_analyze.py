@@ -78,6 +78,7 @@ def test_json_schema_and_values_match_direct_metrics(world, arch, tmp_path):
     doc = json.loads((out / "linearity.json").read_text())
     for key in ("model", "n_tokens", "baseline", "layers", "num_blocks", "hidden_size", "pairs", "error_distribution"):
         assert key in doc, key
+    assert doc["accumulate_dtype"] == "float64"
     assert (out / "linearity.png").stat().st_size > 0 and (out / "errors.png").stat().st_size > 0
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     n_blocks = model.config.num_hidden_layers
@@ -98,6 +99,9 @@ def test_json_schema_and_values_match_direct_metrics(world, arch, tmp_path):
         assert layer["contribution_norm"] == pytest.approx(
             (np.linalg.norm(y - x, axis=1) / np.linalg.norm(x, axis=1)).mean(), rel=1e-9)
         assert layer["angular_distance"] == pytest.approx((np.arccos(np.clip(cos, -1, 1)) / np.pi).mean(), rel=1e-5)
+        # rank of the block input: full, except after a post-LN block (its outputs sum to zero over features)
+        want_rank = d - 1 if arch == "opt-postln" and i > 0 else d
+        assert (layer["rank"], layer["features"], layer["precision_cut"]) == (want_rank, d, 0)
     # the last pair ends at the last block's output, before any final norm
     norm_last = ref_linearity(states[-2], last_hs)
     if arch == "opt-postln":  # post-LN OPT has no final norm: both conventions coincide
@@ -186,3 +190,93 @@ def test_from_log_dynamics(tmp_path):
     assert doc["checkpoints"][1]["mean"]["linearity"] == pytest.approx(0.92)
     assert (tmp_path / "o" / "linearity_dynamics.png").is_file() and (tmp_path / "o" / "linearity.png").is_file()
     assert main(["--checkpoints", str(run), "--out", str(tmp_path / "p")]) == 2  # no checkpoints: says so
+
+
+def test_context_and_vocabulary_are_checked_before_running(world, tmp_path, capsys):
+    """--seq-len beyond a learned position table, or token ids beyond the embedding, are refused with the numbers
+    (they would end in an IndexError, or a device-side assert on CUDA); rotary models have no such limit."""
+    common = ["--data", str(world["text"]), "--max-tokens", "1200", "--out", str(tmp_path / "o"), "--no-progress",
+              "--error-layers", "none"]
+    for arch in ("gpt2", "opt"):
+        assert main(["--model", str(world["models"][arch]), "--seq-len", "300", *common]) == 2
+        err = capsys.readouterr().err
+        assert "sequences of 300 tokens exceed the model's context of 256 positions" in err and "--seq-len 256" in err
+    assert main(["--model", str(world["models"]["llama"]), "--seq-len", "300", *common]) == 0  # RoPE: runs
+    capsys.readouterr()
+    big = tmp_path / "tok400"
+    from tests.tiny_models import train_tokenizer as train
+
+    train([world["text"].read_text()], vocab_size=400).save_pretrained(big)
+    assert main(["--model", str(world["models"]["gpt2"]), "--tokenizer", str(big), "--seq-len", str(SEQ),
+                 *common[:-2], "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    import re
+
+    assert int(re.search(r"produces token id (\d+)", err).group(1)) >= 320
+    assert "input embedding has 320 rows" in err and "0..319" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_non_finite_hidden_states_are_reported_with_the_model(world, tmp_path, capsys):
+    model = tiny_model("llama", seed=ARCHS.index("llama"))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = float("inf")  # what an fp16 overflow leaves behind
+    path = save_model(model, world["tok"], tmp_path / "inf-llama")
+    out = tmp_path / "o"
+    rc = main(["--model", str(path), "--data", str(world["text"]), "--max-tokens", "512", "--seq-len", str(SEQ),
+               "--out", str(out), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}: block 0: non-finite hidden states (NaN or Inf) in x (the block input)" in err
+    assert "--dtype bfloat16/float32" in err
+    assert not (out / "linearity.json").exists()
+
+
+def _fake_run(world, root):
+    """A linreg run folder with two ZeRO-0 style checkpoints of a tiny Llama, and its export in hf/."""
+    from linreg.checkpoint import mark_complete
+
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("task: {kind: lm}\n")
+    models = {}
+    for step, seed in ((2, 11), (4, 12)):
+        m = tiny_model("llama", seed=seed)
+        step_dir = run / "checkpoints" / f"step_{step}"
+        step_dir.mkdir()
+        torch.save({"module": m.state_dict()}, step_dir / "mp_rank_00_model_states.pt")
+        mark_complete(step_dir, step)
+        models[step] = m
+    save_model(models[4], world["tok"], run / "hf")
+    return run, models
+
+
+def test_checkpoints_honour_accumulate_dtype_and_error_layers(world, tmp_path):
+    from linreg.analyze import measure
+
+    run, models = _fake_run(world, tmp_path)
+    out = tmp_path / "dyn"
+    common = ["--checkpoints", str(run), "--data", str(world["text"]), "--seq-len", str(SEQ), "--max-tokens",
+              str(TOKENS), "--no-progress"]
+    assert main([*common, "--accumulate-dtype", "float32", "--error-layers", "0,-1", "--error-tokens", "256",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "linearity.json").read_text())
+    assert doc["accumulate_dtype"] == "float32" and [c["step"] for c in doc["checkpoints"]] == [2, 4]
+    blocks = token_blocks(str(world["text"]), world["tok"], SEQ, TOKENS)
+    for c in doc["checkpoints"]:
+        model = models[c["step"]]
+        f32, _ = measure(model, blocks, batch_size=8, error_layers=[], error_tokens=0,
+                         accumulate_dtype=torch.float32, progress=False)
+        f64, _ = measure(model, blocks, batch_size=8, error_layers=[], error_tokens=0, progress=False)
+        got = [x["linearity_wo_residual"] for x in c["layers"]]
+        assert got == pytest.approx([x["linearity_wo_residual"] for x in f32["layers"]], rel=1e-12, abs=0)
+        # the two accumulation dtypes differ here, so the comparison above tells them apart
+        assert max(abs(a["linearity_wo_residual"] - b["linearity_wo_residual"])
+                   for a, b in zip(f32["layers"], f64["layers"])) > 1e-11
+        err = {e["layer"]: e for e in c["error_distribution"]["layers"]}
+        assert sorted(err) == [0, 3] and err[0]["tokens"] == 256
+    assert (out / "errors.png").stat().st_size > 0
+    # --from-log runs no model: these options are refused instead of ignored
+    (run / "linearity.jsonl").write_text(json.dumps({"step": 2, "layers": []}) + "\n")
+    for extra in (["--error-layers", "0"], ["--accumulate-dtype", "float32"]):
+        assert main(["--checkpoints", str(run), "--from-log", *extra, "--out", str(tmp_path / "x")]) == 2
