@@ -5,7 +5,8 @@ Speed (one process, variants alternated over the same batches so they share mach
   forward-1logit   the same with logits_to_keep=1 (what analyze runs under its hooks: no full LM head)
   analyze          the measurement of ``linreg analyze``: linreg.pruning.select.block_statistics with float64
                    LinearityAccumulators for every block (hooks fold each block pair into the statistics)
-  analyze-fp32acc  the same with float32 statistics (--accumulate-dtype float32)
+  analyze-fp32acc  the same with float32 statistics (--accumulate-dtype float32; faster only where float64 is slow,
+                   and lossy: it cuts eigenvalues below d * eps32, see docs/metrics.md)
 Reported: tokens/s of each and the time ratio analyze / forward (target <= 1.3).
 
 Memory (a fresh subprocess per point; CPU: peak RSS (VmHWM, reset after building the model) minus the RSS at that
