@@ -37,13 +37,9 @@ def _real_size(path: Path) -> bool:
 
 
 REAL_SIZE = [p for p in sorted((REPO / "recipes").glob("*.yaml")) if _real_size(p)]
-# owned by the pruning area (64 sequences in micro batches of 16 do not split over 8 ranks); reported there
-_NOT_OURS = {"distill-mistral-150m.yaml"}
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="micro batch does not fit 8 ranks; not this area's file"))
-    if p.name in _NOT_OURS else p for p in REAL_SIZE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", REAL_SIZE, ids=lambda p: p.name)
 def test_real_size_recipes_fit_eight_ranks(path):
     """The documented `deepspeed --num_gpus 8 ...` commands: the global batch splits into micro batches over
     8 ranks (the loop's own check)."""
