@@ -159,3 +159,13 @@ def peak_flops_per_device(peak_tflops: float | None) -> float | None:
         if key in name:
             return PEAK_TFLOPS_BF16[key] * 1e12
     return None
+
+
+def release_memory() -> None:
+    """Collect garbage and hand cached accelerator memory back (between runs in one process, or before
+    starting subprocesses that need the GPUs)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -20,7 +20,6 @@ command exits 143 (as ``linreg pretrain`` does), so running it again continues w
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from pathlib import Path
@@ -153,17 +152,6 @@ def finish_run(recipe, result) -> str | None:
             + "".join(f"; {k} {v:.4f}" for k, v in sorted(summary.val.items()) if k in ("val/accuracy", "val/f1")))
 
 
-def _release() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # pragma: no cover
-        pass
-
-
 def main(argv: list[str] | None = None, prog: str = "launch/finetune.py") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
@@ -193,6 +181,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/finetune.py") -> int
                 print("seeds: " + ", ".join(f"{s} -> {base_dir / f'seed_{s}'}" for s in seeds))
             return 0
 
+        from linreg.model import release_memory
         from linreg.train import run
 
         if not seeds:
@@ -224,11 +213,11 @@ def main(argv: list[str] | None = None, prog: str = "launch/finetune.py") -> int
                 if _rank() == 0:
                     print(f"sweep stopped at seed {s}" + (f"; seeds {','.join(map(str, rest))} not started"
                                                            if rest else "")
-                          + f"; no table written. Run the same command again (--resume auto, the default) to "
-                            f"continue", flush=True)
+                          + "; no table written. Run the same command again (--resume auto, the default) to "
+                            "continue", flush=True)
                 return STOPPED_EXIT
             del result
-            _release()
+            release_memory()
             _barrier()
         if _rank() == 0:
             from linreg.finetune.table import write_table

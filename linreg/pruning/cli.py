@@ -272,21 +272,8 @@ def _distill_cmd(args, student: Path, run_dir: Path) -> list[str]:
     return cmd
 
 
-def _release_memory() -> None:
-    """Collect garbage and hand cached CUDA memory back, so that subprocesses started next find the GPUs free."""
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def _run_sweep(args, ks, given, out: Path) -> int:
+    from linreg.model import release_memory
     from linreg.pruning.perplexity import perplexity
     from linreg.pruning.prune import sweep
     from linreg.pruning.surgery import load_pruned, save_pruned
@@ -313,7 +300,7 @@ def _run_sweep(args, ks, given, out: Path) -> int:
         if "0" in res["linear"]:
             res["distilled"]["0"] = res["linear"]["0"]
         del model  # the only reference: the distillation runs get the memory (GPU memory on GPUs)
-        _release_memory()
+        release_memory()
         for k, student in sorted(replaced_dirs.items()):
             run_dir = out / f"k{k}" / "distill"
             cmd = _distill_cmd(args, student, run_dir)
@@ -324,7 +311,7 @@ def _run_sweep(args, ks, given, out: Path) -> int:
             distilled = load_pruned(run_dir / "hf", dtype=dtype, device=dev)
             res["distilled"][str(k)] = ppl(distilled)
             del distilled
-            _release_memory()
+            release_memory()
         res["distill_recipe"] = str(args.distill_recipe)
     (out / "sweep.json").write_text(json.dumps(res, indent=2) + "\n")
     plot_sweep(res, out / "pruning.png")
