@@ -243,9 +243,8 @@ def check_batch_geometry(recipe, nodes: int, ranks_per_node: int) -> None:
     try:
         batch_geometry(recipe.train.global_batch_size, recipe.train.micro_batch_size, world)
     except ConfigError as exc:
-        per_rank = recipe.train.global_batch_size / world
-        fits = [m for m in range(1, recipe.train.micro_batch_size + 1) if per_rank == int(per_rank)
-                and int(per_rank) % m == 0]
+        per_rank, rest = divmod(recipe.train.global_batch_size, world)
+        fits = [] if rest else [m for m in range(1, recipe.train.micro_batch_size + 1) if per_rank % m == 0]
         hint = (f"; with {world} ranks e.g. --set train.micro_batch_size={fits[-1]}" if fits else
                 f"; {world} ranks do not divide the global batch: change --nodes/--gpus-per-node or "
                 f"train.global_batch_size")
